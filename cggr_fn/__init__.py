@@ -1,0 +1,34 @@
+"""cggr_fn: Confidence-Gated Gradient Routing as pure, composable torch.func transforms.
+
+Score every token's difficulty from logits, sort tokens into depth buckets under
+an explicit curriculum step, select fixed-size token sets, and route gradients so
+easy tokens train only the top of the network while hard tokens train all of it.
+"""
+
+from cggr_fn._bucketing import bucket, bucket_depth, bucket_sizes
+from cggr_fn._checks import checking
+from cggr_fn._curriculum import dynamic_ratio, ratio_schedule
+from cggr_fn._loss import selective_loss
+from cggr_fn._ranking import capacity
+from cggr_fn._routing import depth_masks, route_depth, route_grad
+from cggr_fn._scoring import score
+from cggr_fn._selection import select
+from cggr_fn._stats import TokenStats, token_stats
+
+__all__ = [
+    "TokenStats",
+    "bucket",
+    "bucket_depth",
+    "bucket_sizes",
+    "capacity",
+    "checking",
+    "depth_masks",
+    "dynamic_ratio",
+    "ratio_schedule",
+    "route_depth",
+    "route_grad",
+    "score",
+    "select",
+    "selective_loss",
+    "token_stats",
+]

@@ -1,0 +1,124 @@
+"""Depth buckets: which tokens train how many layers, under a linear curriculum."""
+
+from __future__ import annotations
+
+import torch
+
+from cggr_fn import _checks
+from cggr_fn._curriculum import Step, warmup_progress
+from cggr_fn._ranking import difficulty_rank
+
+
+def bucket_sizes(num_tokens: int, step: Step, *, num_buckets: int = 4, warmup_steps: int = 1000) -> torch.Tensor | list[int]:
+    """How many tokens each bucket holds at ``step``: a static function of (tokens, step).
+
+    After warmup the partition is equal: bucket ``b`` holds
+    ``num_tokens // num_buckets`` tokens, plus one for the first
+    ``num_tokens % num_buckets`` buckets. At step 0 every token is in bucket 0.
+    In between, the boundary between buckets ``b - 1`` and ``b`` moves linearly
+    (rounded down, in exact integer arithmetic) from ``num_tokens`` to its
+    final rank, so tokens move into shallower buckets in proportion to progress.
+
+    Args:
+      num_tokens: number of positions.
+      step: curriculum step, a Python int or a 0-d integer tensor.
+      num_buckets: number of buckets, >= 1.
+      warmup_steps: steps until the final partition, >= 0.
+
+    Returns:
+      A list of ``num_buckets`` ints for an int step, else an int64 tensor.
+
+    Example:
+      >>> import cggr_fn
+      >>> [cggr_fn.bucket_sizes(10, s, num_buckets=4, warmup_steps=4) for s in (0, 2, 4)]
+      [[10, 0, 0, 0], [7, 1, 1, 1], [3, 3, 2, 2]]
+    """
+    starts = _bucket_starts(num_tokens, step, num_buckets, warmup_steps)
+    if isinstance(starts, list):
+        return [end - start for start, end in zip(starts, starts[1:] + [num_tokens])]
+    return torch.diff(starts, append=starts.new_full((1,), num_tokens))
+
+
+def _bucket_starts(num_tokens: int, step: Step, num_buckets: int, warmup_steps: int) -> torch.Tensor | list[int]:
+    """First rank of every bucket.
+
+    Bucket 0 always starts at rank 0; the start of bucket ``b >= 1`` moves from
+    ``num_tokens`` (empty) to its final rank as warmup progresses.
+    """
+    _checks.check_int(num_tokens, "num_tokens", minimum=0)
+    _checks.check_int(num_buckets, "num_buckets", minimum=1)
+    done, total = warmup_progress(step, warmup_steps)
+    base, extra = divmod(num_tokens, num_buckets)
+    final = [b * base + min(b, extra) for b in range(num_buckets)]
+    if isinstance(done, torch.Tensor):
+        final_t = torch.tensor(final, dtype=torch.int64, device=done.device)
+        starts = num_tokens - (num_tokens - final_t) * done // total
+        return torch.where(torch.arange(num_buckets, device=done.device) == 0, 0, starts)
+    return [0] + [num_tokens - (num_tokens - start) * done // total for start in final[1:]]
+
+
+def bucket(scores: torch.Tensor, step: Step, *, num_buckets: int = 4, warmup_steps: int = 1000) -> torch.Tensor:
+    """Assign every token a depth bucket, 0 = hardest = full gradient depth.
+
+    Tokens are ranked over the whole tensor (all dims flattened) by
+    :func:`difficulty_rank` semantics: higher score = harder, NaN hardest,
+    ``-inf`` (ignored positions) easiest, ties broken by position (earlier =
+    harder). Bucket ``b`` takes the next :func:`bucket_sizes` ranks. Sizes
+    depend only on the number of tokens and the step, never on the data.
+    On-device; no host sync.
+
+    Args:
+      scores: floating tensor of difficulties, any shape.
+      step: curriculum step, a Python int or a 0-d integer tensor (pass a
+        tensor under ``torch.compile``: a new step then does not recompile).
+      num_buckets: number of buckets, >= 1.
+      warmup_steps: steps of linear curriculum, >= 0 (0 = final partition at once).
+
+    Returns:
+      An int64 tensor of ``scores.shape`` with values in ``[0, num_buckets)``.
+
+    Example:
+      >>> import torch, cggr_fn
+      >>> scores = torch.tensor([0.1, 0.9, 0.5, 0.7, 0.3, 0.2, 0.8, 0.4])
+      >>> cggr_fn.bucket(scores, step=0, num_buckets=4, warmup_steps=10)
+      tensor([0, 0, 0, 0, 0, 0, 0, 0])
+      >>> cggr_fn.bucket(scores, step=10, num_buckets=4, warmup_steps=10)
+      tensor([3, 0, 1, 1, 2, 3, 0, 2])
+    """
+    _checks.check_scores(scores)
+    starts = _bucket_starts(scores.numel(), step, num_buckets, warmup_steps)
+    starts = torch.as_tensor(starts[1:], dtype=torch.int64, device=scores.device)
+    rank = difficulty_rank(scores.reshape(-1))
+    return (rank.unsqueeze(-1) >= starts).sum(-1).reshape(scores.shape)
+
+
+def bucket_depth(buckets: torch.Tensor, *, num_layers: int, num_buckets: int = 4) -> torch.Tensor:
+    """Gradient depth of every token: how many of the top layers it trains.
+
+    Bucket ``b`` of ``B`` trains the top ``ceil(num_layers * (B - b) / B)``
+    layers: for 4 buckets 100/75/50/25% of the layers. Rounding up means every
+    bucket trains at least one layer, and the hardest bucket all of them.
+    With 6 layers and 4 buckets the depths are 6, 5, 3, 2.
+
+    Args:
+      buckets: integer tensor of buckets in ``[0, num_buckets)``.
+      num_layers: number of layers in the stack, >= 1.
+      num_buckets: number of buckets, >= 1.
+
+    Returns:
+      An int64 tensor of ``buckets.shape`` with values in ``[1, num_layers]``.
+
+    Example:
+      >>> import torch, cggr_fn
+      >>> cggr_fn.bucket_depth(torch.arange(4), num_layers=6)
+      tensor([6, 5, 3, 2])
+    """
+    if not isinstance(buckets, torch.Tensor) or buckets.dtype.is_floating_point or buckets.dtype == torch.bool:
+        raise TypeError(f"buckets: expected an integer tensor, got {getattr(buckets, 'dtype', type(buckets).__name__)}")
+    _checks.check_int(num_layers, "num_layers", minimum=1)
+    _checks.check_int(num_buckets, "num_buckets", minimum=1)
+    if _checks.value_checks_enabled() and buckets.numel() > 0:
+        if bool((buckets < 0).any() | (buckets >= num_buckets).any()):  # sync-ok: checking mode only
+            raise ValueError(f"buckets: expected values in [0, {num_buckets}), got [{int(buckets.min())}, {int(buckets.max())}]")  # sync-ok
+    share = num_buckets - buckets.long()
+    return (num_layers * share + num_buckets - 1) // num_buckets

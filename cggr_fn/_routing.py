@@ -1,0 +1,178 @@
+"""Gradient routing: transforms that keep a function's outputs and gate its backward pass."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import optree
+import torch
+
+from cggr_fn import _checks
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _row_mask(mask: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
+    """``mask`` shaped to broadcast over ``leaf``: its dims are the leading (row) dims."""
+    rows = leaf.shape[: mask.dim()]
+    try:
+        torch.broadcast_shapes(mask.shape, rows)
+    except RuntimeError:
+        raise ValueError(
+            f"mask: expected a shape broadcastable to the output rows {tuple(rows)} "
+            f"(the leading {mask.dim()} dims of an output of shape {tuple(leaf.shape)}), got {tuple(mask.shape)}"
+        ) from None
+    if mask.dim() > leaf.dim():
+        raise ValueError(f"mask: has {mask.dim()} dims, more than an output of shape {tuple(leaf.shape)}")
+    return mask.reshape(mask.shape + (1,) * (leaf.dim() - mask.dim()))
+
+
+def _route_leaf(leaf: Any, mask: torch.Tensor, leak: float) -> Any:
+    if not isinstance(leaf, torch.Tensor) or not (leaf.is_floating_point() or leaf.is_complex()):
+        return leaf
+    rows = _row_mask(mask, leaf)
+    constant = leaf.detach()
+    if leak == 0.0:
+        # where() rather than a multiply: gated rows get an exact 0 even where
+        # the incoming gradient is inf or NaN.
+        return torch.where(rows, leaf, constant)
+    # Equal to ``leaf`` in value wherever it is finite, with ``leak`` times its
+    # derivative; plain tensor ops, so every transform (jvp and compile too)
+    # sees through it. inf - inf would be NaN: non-finite entries stay constants.
+    leaky = torch.where(torch.isfinite(leaf), constant + leak * (leaf - constant), constant)
+    return torch.where(rows, leaf, leaky)
+
+
+def route_grad(fn: F, mask: torch.Tensor, *, leak: float = 0.0) -> F:
+    """Gate the backward pass of ``fn`` by output rows; leave its outputs untouched.
+
+    The returned function computes exactly ``fn``'s outputs. In backward (and in
+    forward-mode tangents), rows where ``mask`` is false pass their gradient
+    scaled by ``leak`` (0 by default: exactly zero, even for inf/NaN
+    gradients; non-finite output entries of those rows pass none); rows where
+    it is true pass it unchanged. ``mask`` covers the
+    leading dims of every floating tensor in ``fn``'s (pytree) output, e.g. a
+    ``(batch, seq)`` mask for ``(batch, seq, hidden)`` outputs. Other leaves
+    pass through.
+
+    Composes with ``torch.func.grad``, ``vjp``, ``jvp``, ``vmap`` and
+    ``functional_call``, and compiles with ``torch.compile(fullgraph=True)``.
+    It saves no compute by itself: it decides which rows carry gradient.
+
+    Args:
+      fn: any function of tensors returning a pytree of tensors.
+      mask: boolean tensor broadcastable to the leading dims of every output.
+      leak: gradient scale of the unmasked rows, in ``[0, 1]``.
+
+    Returns:
+      A function with ``fn``'s signature and outputs.
+
+    Example:
+      >>> import torch, cggr_fn
+      >>> x = torch.ones(3, 2, requires_grad=True)
+      >>> routed = cggr_fn.route_grad(lambda t: t * 2.0, torch.tensor([True, False, True]))
+      >>> routed(x).sum().backward()
+      >>> x.grad
+      tensor([[2., 2.],
+              [0., 0.],
+              [2., 2.]])
+    """
+    if not callable(fn):
+        raise TypeError(f"fn: expected a callable, got {type(fn).__name__}")
+    _checks.check_mask(mask)
+    _checks.check_fraction(leak, "leak")
+    leak = float(leak)
+
+    @functools.wraps(fn)
+    def routed(*args: Any, **kwargs: Any) -> Any:
+        return optree.tree_map(lambda leaf: _route_leaf(leaf, mask, leak), fn(*args, **kwargs), none_is_leaf=True)
+
+    return routed  # type: ignore[return-value]
+
+
+def depth_masks(depth: torch.Tensor, num_layers: int) -> list[torch.Tensor]:
+    """Gradient gates of a layer stack for per-token depths.
+
+    There are ``num_layers + 1`` gate points: point 0 is the stack's input and
+    point ``p >= 1`` the output of layer ``p - 1`` (layers numbered from the
+    bottom). ``masks[p]`` is true where a token's hidden state at point ``p``
+    carries gradient. A token of depth ``d`` trains layers ``num_layers - d``
+    and up, so its gradient must stop at the input of layer ``num_layers - d``
+    and stay stopped below it: point ``p`` carries gradient iff
+    ``d >= num_layers + 1 - p``. The one exception is full depth: a token with
+    ``d == num_layers`` is never gated, so it also trains whatever produced the
+    stack's input (the embedding) -- exactly standard training.
+
+    Args:
+      depth: integer tensor of per-token depths in ``[0, num_layers]``.
+      num_layers: number of layers in the stack, >= 1.
+
+    Returns:
+      A list of ``num_layers + 1`` boolean tensors of ``depth.shape``.
+
+    Example:
+      >>> import torch, cggr_fn
+      >>> [m.tolist() for m in cggr_fn.depth_masks(torch.tensor([3, 1, 0]), 3)]
+      [[True, False, False], [True, False, False], [True, False, False], [True, True, False]]
+    """
+    if not isinstance(depth, torch.Tensor) or depth.dtype.is_floating_point or depth.dtype == torch.bool:
+        raise TypeError(f"depth: expected an integer tensor, got {getattr(depth, 'dtype', type(depth).__name__)}")
+    _checks.check_int(num_layers, "num_layers", minimum=1)
+    if _checks.value_checks_enabled() and depth.numel() > 0:
+        if bool((depth < 0).any() | (depth > num_layers).any()):  # sync-ok: checking mode only
+            raise ValueError(f"depth: expected values in [0, {num_layers}], got [{int(depth.min())}, {int(depth.max())}]")  # sync-ok
+    return [depth >= min(num_layers, num_layers + 1 - point) for point in range(num_layers + 1)]
+
+
+def route_depth(
+    layers: Sequence[Callable[..., torch.Tensor]], depth: torch.Tensor, *, leak: float = 0.0
+) -> Callable[..., torch.Tensor]:
+    """Apply a layer stack so that token ``t`` trains only its top ``depth[t]`` layers.
+
+    Returns ``stack(hidden, *args, **kwargs)``, which runs
+    ``hidden = layer(hidden, *args, **kwargs)`` for each layer, bottom first,
+    with the same outputs as the plain stack. Below a token's cut its hidden
+    state is a constant: the stack's input and every layer's output are gated
+    by :func:`route_grad` with :func:`depth_masks`, so no gradient reaches
+    lower layers through that token, neither directly nor through other tokens
+    that attend to it. A token of depth 0 trains no layer; a token of full
+    depth is not gated at all.
+
+    Args:
+      layers: layer functions ``hidden -> hidden`` (extra args are passed to each).
+      depth: integer tensor of per-token depths in ``[0, len(layers)]``,
+        shaped as ``hidden``'s token dims (e.g. ``(batch, seq)``).
+      leak: gradient scale where a gate is closed, in ``[0, 1]``.
+
+    Returns:
+      The routed stack.
+
+    Example:
+      >>> import torch, cggr_fn
+      >>> w = torch.tensor(2.0, requires_grad=True)
+      >>> layers = [lambda h: h * w, lambda h: h + 1.0]
+      >>> out = cggr_fn.route_depth(layers, torch.tensor([2, 1]))(torch.ones(2))
+      >>> out.sum().backward()
+      >>> w.grad  # only token 0 reaches the bottom layer
+      tensor(1.)
+    """
+    layers = list(layers)
+    if not layers or not all(callable(layer) for layer in layers):
+        raise TypeError("layers: expected a non-empty sequence of callables")
+    input_mask, *output_masks = depth_masks(depth, len(layers))
+    gate_input = route_grad(_identity, input_mask, leak=leak)
+    routed_layers = [route_grad(layer, mask, leak=leak) for layer, mask in zip(layers, output_masks)]
+
+    def stack(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        hidden = gate_input(hidden)
+        for layer in routed_layers:
+            hidden = layer(hidden, *args, **kwargs)
+        return hidden
+
+    return stack
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x

@@ -1,0 +1,82 @@
+"""Difficulty scores: one float per token, higher = harder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Union
+
+import torch
+
+from cggr_fn import _checks
+from cggr_fn._stats import TokenStats, token_stats
+
+ScoreMethod = Union[str, Callable[[TokenStats], torch.Tensor]]
+
+_METHODS: dict[str, Callable[[TokenStats], torch.Tensor]] = {
+    "entropy": lambda s: s.entropy,
+    "confidence": lambda s: 1.0 - s.confidence,
+    "margin": lambda s: 1.0 - s.margin,
+    "loss": lambda s: s.nll,
+    # The seed's D_t = H(p) - max(p).
+    "combined": lambda s: s.entropy - s.confidence,
+}
+
+#: Score given to positions that must never be selected (target == ignore_index).
+UNSELECTABLE = float("-inf")
+
+
+def score(
+    logits: torch.Tensor,
+    targets: torch.Tensor | None = None,
+    *,
+    method: ScoreMethod = "combined",
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Difficulty of every token, higher = harder.
+
+    Methods: ``"entropy"`` (H), ``"confidence"`` (1 - max p), ``"margin"``
+    (1 - (p1 - p2)), ``"loss"`` (the nll; needs targets), ``"combined"``
+    (H - max p, the seed's D_t), or a callable that maps a :class:`TokenStats`
+    to a tensor of the same shape.
+
+    Positions whose target is ``ignore_index`` score ``-inf``: every selection
+    function treats ``-inf`` as "not selectable", so they are never selected.
+    A NaN score (a row with NaN or ``+inf`` logits, an out-of-range target
+    under ``"loss"``) is never hidden: selection ranks it as the hardest.
+
+    Args:
+      logits: ``(..., vocab)`` floating tensor.
+      targets: optional integer tensor of shape ``logits.shape[:-1]``.
+      method: one of the names above or a callable on :class:`TokenStats`.
+      ignore_index: target value that marks a position without a label.
+
+    Returns:
+      A float32 tensor of shape ``logits.shape[:-1]``, detached.
+
+    Example:
+      >>> import torch, cggr_fn
+      >>> logits = torch.tensor([[5.0, 0.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+      >>> cggr_fn.score(logits, method="confidence")
+      tensor([0.0133, 0.5777, 0.6667])
+      >>> cggr_fn.score(logits, torch.tensor([0, 1, -100]), method="loss")
+      tensor([0.0134, 0.8620,   -inf])
+    """
+    if isinstance(method, str):
+        if method not in _METHODS:
+            raise ValueError(f"method: expected one of {sorted(_METHODS)} or a callable, got {method!r}")
+        if method == "loss" and targets is None:
+            raise ValueError('method: "loss" scores by the nll and needs targets, got targets=None')
+        to_score = _METHODS[method]
+    elif callable(method):
+        to_score = method
+    else:
+        raise TypeError(f"method: expected a str or a callable on TokenStats, got {type(method).__name__}")
+    stats = token_stats(logits, targets, ignore_index=ignore_index)
+    scores = to_score(stats)
+    if not isinstance(scores, torch.Tensor) or scores.shape != stats.entropy.shape:
+        got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(f"method: the callable must return a tensor of shape {tuple(stats.entropy.shape)}, got {got}")
+    scores = scores.detach().float()
+    if targets is not None:
+        scores = torch.where(targets == ignore_index, UNSELECTABLE, scores)
+    return scores

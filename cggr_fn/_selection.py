@@ -1,0 +1,136 @@
+"""Token selection: a fixed number of tokens, chosen by difficulty, as a boolean mask."""
+
+from __future__ import annotations
+
+import torch
+
+from cggr_fn import _checks
+from cggr_fn._curriculum import Ratio, Step
+from cggr_fn._ranking import capacity_tensor, difficulty_rank, inverse_permutation, selectable
+
+STRATEGIES = ("topk", "stratified", "sequence_aware")
+
+
+def select(
+    scores: torch.Tensor,
+    ratio: Ratio,
+    *,
+    strategy: str = "topk",
+    num_strata: int = 4,
+    min_per_sequence: int = 1,
+    seed: Step = 0,
+) -> torch.Tensor:
+    """Select ``k = capacity(ratio, scores.numel())`` tokens as a boolean mask.
+
+    Exactly ``k`` positions are selected over the whole tensor, fewer only when
+    fewer than ``k`` are selectable (scores other than ``-inf``; ignored
+    positions score ``-inf``). NaN scores count as the hardest, so NaN logits
+    are always trained on and show in the loss. Ties break by position
+    (earlier first). The mask's shape is static; nothing synchronises with the
+    host, also for a 0-d tensor ``ratio`` (then ``k`` is computed on-device).
+
+    Strategies:
+      * ``"topk"``: the ``k`` hardest.
+      * ``"stratified"``: the selectable tokens are split by difficulty rank
+        into ``num_strata`` equal strata, and each stratum gets an equal share
+        of ``k`` (``k // num_strata``, one more for the hardest ``k %
+        num_strata`` strata), drawn without replacement by a hash of (position,
+        ``seed``). A stratum too small for its share cedes the rest to the
+        hardest unselected tokens, so the total is still ``k``.
+      * ``"sequence_aware"``: the ``min_per_sequence`` hardest tokens of every
+        sequence (last dim; all of a shorter sequence's) first, then the hardest of the rest up to ``k``.
+        A Python ``ratio`` whose ``k`` cannot cover every sequence's minimum is
+        an error; with a tensor ratio the total ``k`` wins (the hardest of the
+        per-sequence picks are kept).
+
+    Args:
+      scores: floating tensor of difficulties, higher = harder.
+      ratio: keep ratio in ``(0, 1]``, a float or a 0-d floating tensor.
+      strategy: one of ``"topk"``, ``"stratified"``, ``"sequence_aware"``.
+      num_strata: strata for ``"stratified"``, >= 1.
+      min_per_sequence: per-sequence minimum for ``"sequence_aware"``, >= 0.
+      seed: int or 0-d integer tensor (e.g. the step) for ``"stratified"`` draws.
+
+    Returns:
+      A boolean tensor of ``scores.shape``.
+
+    Example:
+      >>> import torch, cggr_fn
+      >>> scores = torch.tensor([[0.1, 0.9, 0.5, 0.7], [0.3, 0.2, float("-inf"), 0.4]])
+      >>> cggr_fn.select(scores, 0.5).int()
+      tensor([[0, 1, 1, 1],
+              [0, 0, 0, 1]], dtype=torch.int32)
+      >>> cggr_fn.select(scores, 0.5, strategy="sequence_aware", min_per_sequence=2).int()
+      tensor([[0, 1, 0, 1],
+              [1, 0, 0, 1]], dtype=torch.int32)
+    """
+    _checks.check_scores(scores)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+    k = capacity_tensor(ratio, scores.numel(), scores.device)
+    flat = scores.reshape(-1)
+    rank = difficulty_rank(flat)
+    if strategy == "topk":
+        first = torch.zeros_like(flat, dtype=torch.bool)
+    elif strategy == "stratified":
+        _checks.check_int(num_strata, "num_strata", minimum=1)
+        first = _stratified_first_round(flat, rank, k, num_strata, seed)
+    else:
+        _checks.check_int(min_per_sequence, "min_per_sequence", minimum=0)
+        rows = scores.reshape(-1, scores.shape[-1]) if scores.dim() > 0 else flat.reshape(1, -1)
+        needed = rows.shape[0] * min(min_per_sequence, rows.shape[1])
+        if isinstance(k, int) and needed > k:
+            raise ValueError(
+                f"min_per_sequence: {rows.shape[0]} sequences x {min_per_sequence} exceed the "
+                f"k={k} tokens that ratio={ratio} selects; lower min_per_sequence or raise ratio"
+            )
+        first = (difficulty_rank(rows) < min_per_sequence).reshape(-1)
+    return _fill_to_capacity(first, rank, selectable(flat), k).reshape(scores.shape)
+
+
+def _fill_to_capacity(first: torch.Tensor, rank: torch.Tensor, allowed: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """The ``first`` tokens, then the hardest others, up to ``k`` allowed tokens."""
+    n = rank.numel()
+    # Unique integer keys: every allowed first-round token before every other
+    # token, each group in difficulty order. Unselectable tokens rank after all
+    # selectable ones, so they can only fill places past the selectable count.
+    key = torch.where(first & allowed, rank, rank + n)
+    final_rank = inverse_permutation(torch.argsort(key))
+    return (final_rank < k) & allowed
+
+
+def _stratified_first_round(
+    flat: torch.Tensor, rank: torch.Tensor, k: int | torch.Tensor, num_strata: int, seed: Step
+) -> torch.Tensor:
+    """Each difficulty stratum's share of ``k``, drawn by a seeded hash of position."""
+    n = flat.numel()
+    allowed = selectable(flat)
+    num_allowed = allowed.sum().clamp_min(1)
+    # Allowed tokens hold ranks 0..num_allowed-1; the rest go to an extra stratum.
+    stratum = torch.where(allowed, rank * num_strata // num_allowed, num_strata)
+    draw = _position_hash(n, seed, flat.device)
+    order = torch.argsort(stratum * (1 << 32) + draw)  # strata in turn, shuffled inside
+    position_in_order = inverse_permutation(order)
+    counts = torch.zeros(num_strata + 1, dtype=torch.int64, device=flat.device).scatter_add(
+        0, stratum, torch.ones_like(stratum)
+    )
+    stratum_start = torch.cumsum(counts, 0) - counts
+    index_in_stratum = position_in_order - stratum_start[stratum]
+    strata = torch.arange(num_strata + 1, device=flat.device)
+    share = torch.where(strata < num_strata, k // num_strata + (strata < k % num_strata).long(), 0)
+    return index_in_stratum < share[stratum]
+
+
+def _position_hash(n: int, seed: Step, device: torch.device) -> torch.Tensor:
+    """A 32-bit hash of (position, seed), identical on every device.
+
+    Integer arithmetic only (a multiply-xorshift mix with products below 2**63),
+    so a draw depends on nothing but its inputs: pure, reproducible, and free
+    of generator state that would break ``torch.compile``.
+    """
+    mask = 0xFFFFFFFF
+    seed = torch.as_tensor(seed, dtype=torch.int64, device=device) & mask
+    h = (torch.arange(n, dtype=torch.int64, device=device) * 0x9E3779B1 + seed * 0x7FEB352D) & mask
+    for multiplier, shift in ((0x2C1B3C6D, 16), (0x297A2D39, 15), (0x5BD1E995, 13)):
+        h = ((h ^ (h >> shift)) * multiplier) & mask
+    return h ^ (h >> 16)

@@ -1,0 +1,105 @@
+"""Every bad input raises a clear error that names the argument and what was expected."""
+
+import pytest
+import torch
+
+import cggr_fn
+
+LOGITS = torch.randn(2, 3, 5)
+TARGETS = torch.randint(0, 5, (2, 3))
+SCORES = torch.randn(2, 3)
+MASK = torch.ones(2, 3, dtype=torch.bool)
+
+
+def identity(x):
+    return x
+
+
+CASES = [
+    # logits
+    (lambda: cggr_fn.token_stats(torch.tensor(1.0)), ValueError, r"logits: expected at least 1 dimension"),
+    (lambda: cggr_fn.token_stats(torch.randn(4, 1)), ValueError, r"logits: expected a vocabulary of at least 2 \(last dim\), got 1"),
+    (lambda: cggr_fn.token_stats(torch.ones(4, 3, dtype=torch.long)), TypeError, r"logits: expected a floating-point tensor, got dtype torch.int64"),
+    (lambda: cggr_fn.score([[1.0, 2.0]]), TypeError, r"logits: expected a torch.Tensor, got list"),
+    # targets
+    (lambda: cggr_fn.token_stats(LOGITS, TARGETS[0]), ValueError, r"targets: expected shape \(2, 3\) \(logits.shape\[:-1\]\), got \(3,\)"),
+    (lambda: cggr_fn.token_stats(LOGITS, TARGETS.float()), TypeError, r"targets: expected an integer tensor of class indices, got dtype torch.float32"),
+    (lambda: cggr_fn.selective_loss(LOGITS, TARGETS.bool(), MASK), TypeError, r"targets: expected an integer tensor"),
+    (lambda: cggr_fn.score(LOGITS, TARGETS, ignore_index=-1.5), TypeError, r"ignore_index: expected an int"),
+    # score options
+    (lambda: cggr_fn.score(LOGITS, method="perplexity"), ValueError, r"method: expected one of \['combined', 'confidence', 'entropy', 'loss', 'margin'\]"),
+    (lambda: cggr_fn.score(LOGITS, method="loss"), ValueError, r'method: "loss" scores by the nll and needs targets'),
+    (lambda: cggr_fn.score(LOGITS, method=3), TypeError, r"method: expected a str or a callable"),
+    (lambda: cggr_fn.score(LOGITS, method=lambda s: s.entropy[0]), ValueError, r"method: the callable must return a tensor of shape \(2, 3\)"),
+    # ratio
+    (lambda: cggr_fn.select(SCORES, 0.0), ValueError, r"ratio: expected a value in \(0, 1\], got 0.0"),
+    (lambda: cggr_fn.select(SCORES, 1.5), ValueError, r"ratio: expected a value in \(0, 1\], got 1.5"),
+    (lambda: cggr_fn.select(SCORES, float("nan")), ValueError, r"ratio: expected a value in \(0, 1\]"),
+    (lambda: cggr_fn.select(SCORES, "half"), TypeError, r"ratio: expected a float"),
+    (lambda: cggr_fn.select(SCORES, torch.tensor([0.5])), TypeError, r"ratio: expected a float or a 0-d floating tensor"),
+    (lambda: cggr_fn.capacity(-0.1, 10), ValueError, r"ratio: expected a value in \(0, 1\]"),
+    (lambda: cggr_fn.ratio_schedule(3, warmup_steps=10, final_ratio=0.0), ValueError, r"final_ratio: expected a value in \(0, 1\]"),
+    (lambda: cggr_fn.dynamic_ratio(0.5, SCORES, min_ratio=0.8, max_ratio=0.5), ValueError, r"min_ratio: expected min_ratio <= max_ratio"),
+    (lambda: cggr_fn.dynamic_ratio(0.5, SCORES, sensitivity=-1.0), ValueError, r"sensitivity: expected a float >= 0"),
+    (lambda: cggr_fn.dynamic_ratio(0.5, SCORES, valid=MASK[0]), ValueError, r"valid: expected shape \(2, 3\)"),
+    # select options
+    (lambda: cggr_fn.select(SCORES, 0.5, strategy="random"), ValueError, r"strategy: expected one of \('topk', 'stratified', 'sequence_aware'\)"),
+    (lambda: cggr_fn.select(SCORES, 0.5, strategy="stratified", num_strata=0), ValueError, r"num_strata: expected an int >= 1, got 0"),
+    (lambda: cggr_fn.select(SCORES, 0.5, strategy="sequence_aware", min_per_sequence=-1), ValueError, r"min_per_sequence: expected an int >= 0"),
+    (lambda: cggr_fn.select(TARGETS, 0.5), TypeError, r"scores: expected a floating-point tensor"),
+    # buckets and curriculum
+    (lambda: cggr_fn.bucket(SCORES, 0, num_buckets=0), ValueError, r"num_buckets: expected an int >= 1, got 0"),
+    (lambda: cggr_fn.bucket(SCORES, 0, num_buckets=2.5), TypeError, r"num_buckets: expected an int, got float"),
+    (lambda: cggr_fn.bucket(SCORES, 0, warmup_steps=-1), ValueError, r"warmup_steps: expected an int >= 0, got -1"),
+    (lambda: cggr_fn.bucket(SCORES, -3), ValueError, r"step: expected an int >= 0, got -3"),
+    (lambda: cggr_fn.bucket(SCORES, 1.0), TypeError, r"step: expected an int, got float"),
+    (lambda: cggr_fn.bucket(SCORES, torch.tensor(1.0)), TypeError, r"step: expected a Python int or a 0-d integer tensor"),
+    (lambda: cggr_fn.bucket(SCORES, torch.tensor([1, 2])), TypeError, r"step: expected a Python int or a 0-d integer tensor"),
+    (lambda: cggr_fn.ratio_schedule(True, warmup_steps=3, final_ratio=0.5), TypeError, r"step: expected an int, got bool"),
+    (lambda: cggr_fn.bucket_depth(SCORES, num_layers=4), TypeError, r"buckets: expected an integer tensor"),
+    (lambda: cggr_fn.bucket_depth(TARGETS, num_layers=0), ValueError, r"num_layers: expected an int >= 1, got 0"),
+    # routing
+    (lambda: cggr_fn.route_grad(identity, MASK, leak=1.5), ValueError, r"leak: expected a value in \[0, 1\], got 1.5"),
+    (lambda: cggr_fn.route_grad(identity, MASK, leak=-0.1), ValueError, r"leak: expected a value in \[0, 1\]"),
+    (lambda: cggr_fn.route_grad(identity, MASK.float()), TypeError, r"mask: expected dtype torch.bool, got torch.float32"),
+    (lambda: cggr_fn.route_grad("f", MASK), TypeError, r"fn: expected a callable, got str"),
+    (lambda: cggr_fn.route_grad(identity, torch.ones(3, dtype=torch.bool))(torch.randn(2, 4)), ValueError, r"mask: expected a shape broadcastable to the output rows \(2,\)"),
+    (lambda: cggr_fn.route_grad(identity, MASK)(torch.randn(2)), ValueError, r"mask: expected a shape broadcastable to the output rows \(2,\)|mask: has 2 dims"),
+    (lambda: cggr_fn.route_depth([], TARGETS), TypeError, r"layers: expected a non-empty sequence of callables"),
+    (lambda: cggr_fn.route_depth([identity], SCORES), TypeError, r"depth: expected an integer tensor"),
+    (lambda: cggr_fn.route_depth([identity], TARGETS, leak=2.0), ValueError, r"leak: expected a value in \[0, 1\]"),
+    # loss
+    (lambda: cggr_fn.selective_loss(LOGITS, TARGETS, MASK[0]), ValueError, r"mask: expected shape \(2, 3\)"),
+    (lambda: cggr_fn.selective_loss(LOGITS, TARGETS, MASK.long()), TypeError, r"mask: expected dtype torch.bool"),
+    (lambda: cggr_fn.selective_loss(LOGITS, TARGETS, MASK, normalize="batch"), ValueError, r"normalize: expected one of \('selected', 'valid'\)"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", CASES, ids=[c[2][:48] for c in CASES])
+def test_bad_input_raises_a_clear_error(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_checking_mode_catches_value_errors_that_need_a_sync():
+    with cggr_fn.checking():
+        with pytest.raises(ValueError, match=r"step: expected a step >= 0, got -2"):
+            cggr_fn.bucket(SCORES, torch.tensor(-2))
+        with pytest.raises(ValueError, match=r"ratio: expected a value in \(0, 1\], got 1.5"):
+            cggr_fn.select(SCORES, torch.tensor(1.5))
+        with pytest.raises(ValueError, match=r"buckets: expected values in \[0, 4\), got \[0, 7\]"):
+            cggr_fn.bucket_depth(torch.tensor([0, 7]), num_layers=4)
+        with pytest.raises(ValueError, match=r"depth: expected values in \[0, 2\], got \[-1, 1\]"):
+            cggr_fn.depth_masks(torch.tensor([-1, 1]), 2)
+        with pytest.raises(ValueError, match=r"targets: expected values in \[0, 5\) or ignore_index=-100"):
+            cggr_fn.selective_loss(LOGITS, TARGETS + 3, MASK)
+    cggr_fn.bucket(SCORES, torch.tensor(-2))  # off by default: no sync, clamps to step 0
+
+
+def test_checking_mode_refuses_to_run_under_compile():
+    @torch.compile(backend="eager", fullgraph=True)
+    def compiled(scores):
+        return cggr_fn.select(scores, torch.tensor(0.5))
+
+    with cggr_fn.checking(), pytest.raises(Exception, match="cannot run under torch.compile"):
+        compiled(SCORES)

@@ -1,0 +1,76 @@
+"""selective_loss against a plain float64 reference, both normalisations."""
+
+import math
+
+import pytest
+import torch
+
+import cggr_fn
+
+
+def reference_loss(logits, targets, mask, normalize, ignore_index=-100):
+    total, selected, labelled = 0.0, 0, 0
+    for row, target, chosen in zip(logits.double().reshape(-1, logits.shape[-1]), targets.reshape(-1), mask.reshape(-1)):
+        if target == ignore_index:
+            continue
+        labelled += 1
+        if chosen:
+            selected += 1
+            total += float(torch.logsumexp(row, 0) - row[target])
+    denominator = selected if normalize == "selected" else labelled
+    return total / max(denominator, 1)
+
+
+@pytest.mark.parametrize("normalize", ["selected", "valid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_selective_loss_matches_reference(normalize, dtype):
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, 10, generator=generator).to(dtype)
+    targets = torch.randint(0, 10, (3, 6), generator=generator)
+    targets[1, :2] = -100
+    mask = torch.rand(3, 6, generator=generator) > 0.4
+    loss = cggr_fn.selective_loss(logits, targets, mask, normalize=normalize)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert float(loss) == pytest.approx(reference_loss(logits, targets, mask, normalize), rel=1e-5)
+
+
+def test_normalisation_by_valid_keeps_per_token_gradient_independent_of_the_ratio():
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(20, 7, generator=generator, requires_grad=True)
+    targets = torch.randint(0, 7, (20,), generator=generator)
+    scores = torch.rand(20, generator=generator)
+    dense = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, targets), logits)[0]
+    for ratio in (0.25, 0.5, 1.0):
+        mask = cggr_fn.select(scores, ratio)
+        by_valid = torch.autograd.grad(cggr_fn.selective_loss(logits, targets, mask, normalize="valid"), logits)[0]
+        by_selected = torch.autograd.grad(cggr_fn.selective_loss(logits, targets, mask), logits)[0]
+        torch.testing.assert_close(by_valid[mask], dense[mask])
+        torch.testing.assert_close(by_selected[mask], dense[mask] * 20 / int(mask.sum()))
+        assert (by_valid[~mask] == 0).all() and (by_selected[~mask] == 0).all()
+
+
+def test_selective_loss_with_all_tokens_equals_cross_entropy():
+    logits = torch.randn(4, 5, 9)
+    targets = torch.randint(0, 9, (4, 5))
+    targets[0, 0] = -100
+    loss = cggr_fn.selective_loss(logits, targets, torch.ones(4, 5, dtype=torch.bool))
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits.reshape(-1, 9), targets.reshape(-1)))
+
+
+def test_empty_selection_gives_zero_loss_and_zero_gradient():
+    logits = torch.randn(3, 4, requires_grad=True)
+    loss = cggr_fn.selective_loss(logits, torch.tensor([0, 1, 2]), torch.zeros(3, dtype=torch.bool))
+    assert float(loss.detach()) == 0.0
+    assert (torch.autograd.grad(loss, logits)[0] == 0).all()
+
+
+def test_nan_logits_surface_in_the_loss_even_when_not_selected():
+    logits = torch.randn(3, 4)
+    logits[2, 1] = float("nan")
+    loss = cggr_fn.selective_loss(logits, torch.tensor([0, 1, 2]), torch.tensor([True, False, False]))
+    assert math.isnan(float(loss))
+
+
+def test_out_of_range_target_gives_nan_loss():
+    loss = cggr_fn.selective_loss(torch.randn(2, 4), torch.tensor([0, 9]), torch.tensor([True, False]))
+    assert math.isnan(float(loss))

@@ -1,0 +1,144 @@
+"""token_stats and score against plain float64 references written here."""
+
+import math
+
+import pytest
+import torch
+
+import cggr_fn
+
+INF, NAN = float("inf"), float("nan")
+TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+
+
+def reference_stats(logits, targets=None, ignore_index=-100):
+    """Textbook float64 definitions, one row at a time, for finite rows."""
+    rows = logits.double().reshape(-1, logits.shape[-1])
+    flat_targets = None if targets is None else targets.reshape(-1)
+    out = {k: [] for k in ("entropy", "confidence", "margin", "logsumexp", "nll")}
+    for i, row in enumerate(rows):
+        log_p = torch.log_softmax(row, dim=0)
+        p = log_p.exp()
+        finite = p > 0
+        out["entropy"].append(-(p[finite] * log_p[finite]).sum())
+        top = p.sort(descending=True).values
+        out["confidence"].append(top[0])
+        out["margin"].append(top[0] - top[1])
+        out["logsumexp"].append(torch.logsumexp(row, 0))
+        if flat_targets is None:
+            out["nll"].append(torch.tensor(NAN, dtype=torch.float64))
+        elif flat_targets[i] == ignore_index:
+            out["nll"].append(torch.tensor(0.0, dtype=torch.float64))
+        else:
+            out["nll"].append(-log_p[flat_targets[i]])
+    return {k: torch.stack(v).reshape(logits.shape[:-1]) for k, v in out.items()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(7, 2), (3, 5, 17), (1, 1000)])
+def test_token_stats_matches_float64_reference(dtype, shape):
+    generator = torch.Generator().manual_seed(0)
+    logits = (torch.randn(shape, generator=generator) * 3).to(dtype)
+    targets = torch.randint(0, shape[-1], shape[:-1], generator=generator)
+    targets.view(-1)[0] = -100
+    stats = cggr_fn.token_stats(logits, targets)
+    expected = reference_stats(logits, targets)  # from the same rounded inputs
+    for name, value in stats._asdict().items():
+        assert value.dtype == torch.float32 and value.shape == shape[:-1], name
+        torch.testing.assert_close(value.double(), expected[name], atol=TOLERANCE[dtype], rtol=1e-5, msg=name)
+
+
+def test_token_stats_without_targets_gives_nan_nll():
+    stats = cggr_fn.token_stats(torch.randn(4, 6))
+    assert torch.isnan(stats.nll).all()
+
+
+def test_margin_is_exactly_zero_on_ties():
+    logits = torch.tensor([[3.0, 1.0, 3.0, 0.0], [-1.0, -1.0, -5.0, -1.0], [2.5, 2.5, 2.5, 2.5]])
+    assert (cggr_fn.token_stats(logits).margin == 0).all()
+
+
+def test_special_rows_follow_documented_rules():
+    logits = torch.tensor(
+        [
+            [1.0, NAN, 0.0],  # NaN anywhere: undefined
+            [INF, 1.0, 0.0],  # +inf: undefined
+            [-INF, -INF, -INF],  # nothing has probability: undefined
+            [-INF, 2.0, 2.0],  # -inf is a probability-zero class
+            [-INF, 5.0, -INF],  # one certain class
+        ]
+    )
+    targets = torch.tensor([0, 0, -100, 0, 1])
+    stats = cggr_fn.token_stats(logits, targets)
+    for name in ("entropy", "confidence", "margin", "logsumexp"):
+        value = getattr(stats, name)
+        assert torch.isnan(value[:3]).all(), name
+        assert torch.isfinite(value[3:]).all(), name
+    assert torch.isnan(stats.nll[:2]).all() and stats.nll[2] == 0  # ignored stays 0
+    torch.testing.assert_close(stats.entropy[3:], torch.tensor([math.log(2), 0.0]))
+    torch.testing.assert_close(stats.confidence[3:], torch.tensor([0.5, 1.0]))
+    torch.testing.assert_close(stats.margin[3:], torch.tensor([0.0, 1.0]))
+    assert stats.nll[3] == INF  # target has probability 0
+    assert stats.nll[4] == 0
+
+
+def test_out_of_range_targets_give_nan_without_checking_and_raise_with_it():
+    logits = torch.randn(3, 4)
+    targets = torch.tensor([1, 4, -2])
+    nll = cggr_fn.token_stats(logits, targets).nll
+    assert torch.isfinite(nll[0]) and torch.isnan(nll[1:]).all()
+    with cggr_fn.checking(), pytest.raises(ValueError, match=r"targets: expected values in \[0, 4\)"):
+        cggr_fn.token_stats(logits, targets)
+
+
+def test_checking_mode_rejects_nan_logits():
+    logits = torch.tensor([[0.0, NAN]])
+    with cggr_fn.checking(), pytest.raises(ValueError, match="logits: contains NaN"):
+        cggr_fn.token_stats(logits)
+    cggr_fn.token_stats(logits)  # outside checking mode NaN flows through
+
+
+def test_token_stats_has_no_gradient():
+    logits = torch.randn(2, 5, requires_grad=True)
+    stats = cggr_fn.token_stats(logits)
+    assert not any(t.requires_grad for t in stats)
+
+
+@pytest.mark.parametrize(
+    "method, expected",
+    [
+        ("entropy", lambda r: r["entropy"]),
+        ("confidence", lambda r: 1 - r["confidence"]),
+        ("margin", lambda r: 1 - r["margin"]),
+        ("loss", lambda r: r["nll"]),
+        ("combined", lambda r: r["entropy"] - r["confidence"]),
+    ],
+)
+def test_score_methods(method, expected):
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 9, 11, generator=generator)
+    targets = torch.randint(0, 11, (4, 9), generator=generator)
+    targets[0, :3] = -100
+    scores = cggr_fn.score(logits, targets, method=method)
+    reference = expected(reference_stats(logits, targets))
+    labelled = targets != -100
+    assert scores.dtype == torch.float32 and not scores.requires_grad
+    torch.testing.assert_close(scores[labelled].double(), reference[labelled], atol=1e-5, rtol=1e-5)
+    assert torch.isneginf(scores[~labelled]).all()
+
+
+def test_score_accepts_a_callable_on_token_stats():
+    logits = torch.randn(6, 7)
+    scores = cggr_fn.score(logits, method=lambda s: s.logsumexp * 2)
+    torch.testing.assert_close(scores, torch.logsumexp(logits, -1) * 2)
+
+
+def test_score_without_targets_never_marks_unselectable():
+    assert torch.isfinite(cggr_fn.score(torch.randn(5, 3))).all()
+
+
+def test_nan_logits_give_nan_score():
+    logits = torch.randn(3, 4)
+    logits[1, 2] = NAN
+    scores = cggr_fn.score(logits)
+    assert torch.isnan(scores[1]) and torch.isfinite(scores[[0, 2]]).all()
