@@ -82,8 +82,8 @@ def check_logits(logits: object, name: str = "logits") -> None:
 def check_targets(targets: object, logits: torch.Tensor, ignore_index: int, name: str = "targets") -> None:
     if not isinstance(targets, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(targets).__name__}")
-    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
-        raise TypeError(f"{name}: expected an integer tensor of class indices, got dtype {targets.dtype}")
+    if targets.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"{name}: expected an integer tensor of class indices (int64 or int32), got dtype {targets.dtype}")
     if targets.shape != logits.shape[:-1]:
         raise ValueError(
             f"{name}: expected shape {tuple(logits.shape[:-1])} (logits.shape[:-1]), got {tuple(targets.shape)}"

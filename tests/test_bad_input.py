@@ -23,7 +23,8 @@ CASES = [
     (lambda: cggr_fn.score([[1.0, 2.0]]), TypeError, r"logits: expected a torch.Tensor, got list"),
     # targets
     (lambda: cggr_fn.token_stats(LOGITS, TARGETS[0]), ValueError, r"targets: expected shape \(2, 3\) \(logits.shape\[:-1\]\), got \(3,\)"),
-    (lambda: cggr_fn.token_stats(LOGITS, TARGETS.float()), TypeError, r"targets: expected an integer tensor of class indices, got dtype torch.float32"),
+    (lambda: cggr_fn.token_stats(LOGITS, TARGETS.float()), TypeError, r"targets: expected an integer tensor of class indices \(int64 or int32\), got dtype torch.float32"),
+    (lambda: cggr_fn.token_stats(LOGITS, TARGETS.to(torch.uint8)), TypeError, r"targets: expected .* \(int64 or int32\), got dtype torch.uint8"),
     (lambda: cggr_fn.selective_loss(LOGITS, TARGETS.bool(), MASK), TypeError, r"targets: expected an integer tensor"),
     (lambda: cggr_fn.score(LOGITS, TARGETS, ignore_index=-1.5), TypeError, r"ignore_index: expected an int"),
     # score options
@@ -64,7 +65,8 @@ CASES = [
     (lambda: cggr_fn.route_grad(identity, MASK.float()), TypeError, r"mask: expected dtype torch.bool, got torch.float32"),
     (lambda: cggr_fn.route_grad("f", MASK), TypeError, r"fn: expected a callable, got str"),
     (lambda: cggr_fn.route_grad(identity, torch.ones(3, dtype=torch.bool))(torch.randn(2, 4)), ValueError, r"mask: expected a shape broadcastable to the output rows \(2,\)"),
-    (lambda: cggr_fn.route_grad(identity, MASK)(torch.randn(2)), ValueError, r"mask: expected a shape broadcastable to the output rows \(2,\)|mask: has 2 dims"),
+    (lambda: cggr_fn.route_grad(identity, MASK)(torch.randn(2)), ValueError, r"mask: has 2 dims, more than an output of shape \(2,\)"),
+    (lambda: cggr_fn.route_grad(identity, MASK)(torch.randn(1, 3)), ValueError, r"mask: expected a shape broadcastable to the output rows \(1, 3\)"),
     (lambda: cggr_fn.route_depth([], TARGETS), TypeError, r"layers: expected a non-empty sequence of callables"),
     (lambda: cggr_fn.route_depth([identity], SCORES), TypeError, r"depth: expected an integer tensor"),
     (lambda: cggr_fn.route_depth([identity], TARGETS, leak=2.0), ValueError, r"leak: expected a value in \[0, 1\]"),

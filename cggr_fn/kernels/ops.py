@@ -1,0 +1,97 @@
+"""torch.library registration of the fused token-statistics kernel.
+
+The kernel is registered as a kernel-only custom op, ``cggr_fn::token_stats``
+(``torch.library.custom_op`` with ``register_fake`` and ``register_vmap``, no
+autograd): the statistics are constants, so :func:`fused_token_stats` detaches
+its input and the op never sees a tensor that requires grad. That keeps it
+usable in eager mode, under ``torch.compile(fullgraph=True)``, ``torch.func.vmap``,
+inside functions that ``torch.func.grad``/``vjp``/``jvp`` transform (the
+outputs are constants with no tangent), and inside CUDA graph capture.
+``triton_op``/``wrap_triton`` are not used because they fail under
+``TRITON_INTERPRET=1``, which CI relies on.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cggr_fn.kernels import token_stats as _kernel
+
+_Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@torch.library.custom_op("cggr_fn::token_stats", mutates_args=())
+def token_stats_op(logits: torch.Tensor, targets: torch.Tensor | None, ignore_index: int) -> _Stats:
+    """Entropy, confidence, margin, logsumexp and nll of ``(..., vocab)`` logits.
+
+    Args:
+      logits: floating ``(..., vocab)`` tensor (fp32, bf16 or fp16).
+      targets: integer tensor of shape ``logits.shape[:-1]``, or None.
+      ignore_index: target value that marks a position without a label.
+
+    Returns:
+      Five new float32 tensors of shape ``logits.shape[:-1]``.
+    """
+    vocab = logits.shape[-1]
+    lead = logits.shape[:-1]
+    if logits.stride(-1) != 1:
+        # The kernel needs unit stride along the vocabulary; this is the only
+        # case in which the logits are copied.
+        logits = logits.contiguous()
+    # A view whenever the leading dims collapse to one row stride (contiguous
+    # tensors, ``big[..., :vocab]`` slices); otherwise reshape copies.
+    rows = logits.reshape(-1, vocab)
+    n = rows.shape[0]
+    outputs = tuple(torch.empty(n, device=logits.device, dtype=torch.float32) for _ in range(5))
+    flat_targets = None if targets is None else targets.reshape(-1)
+    _kernel.launch(rows, flat_targets, ignore_index, outputs)
+    return tuple(out.view(lead) for out in outputs)
+
+
+@token_stats_op.register_fake
+def _token_stats_fake(logits: torch.Tensor, targets: torch.Tensor | None, ignore_index: int) -> _Stats:
+    shape = logits.shape[:-1]
+    return tuple(logits.new_empty(shape, dtype=torch.float32) for _ in range(5))
+
+
+@token_stats_op.register_vmap
+def _token_stats_vmap(info, in_dims, logits, targets, ignore_index):
+    # The op takes any leading dims, so a vmapped call is one call with the
+    # batch dim moved to the front.
+    logits_dim, targets_dim, _ = in_dims
+    if logits_dim is None:
+        logits = logits.expand(info.batch_size, *logits.shape)
+    else:
+        logits = logits.movedim(logits_dim, 0)
+    if targets is not None:
+        if targets_dim is None:
+            targets = targets.expand(info.batch_size, *targets.shape)
+        else:
+            targets = targets.movedim(targets_dim, 0)
+    return token_stats_op(logits, targets, ignore_index), (0, 0, 0, 0, 0)
+
+
+def fused_token_stats(logits: torch.Tensor, targets: torch.Tensor | None, ignore_index: int) -> _Stats:
+    """The fused kernel behind :func:`cggr_fn.token_stats` (same semantics).
+
+    Arguments are assumed validated by the caller. CUDA tensors run the
+    compiled kernel; CPU tensors run it under ``TRITON_INTERPRET=1`` (for
+    tests; without the interpreter Triton has no CPU backend).
+
+    Args:
+      logits: floating ``(..., vocab)`` tensor; the last dim is read in place
+        when it has stride 1 and the leading dims collapse to one row stride.
+      targets: integer tensor of shape ``logits.shape[:-1]``, or None (nll is
+        then NaN).
+      ignore_index: target value that marks a position without a label (nll 0).
+
+    Returns:
+      ``(entropy, confidence, margin, logsumexp, nll)``, float32 tensors of
+      shape ``logits.shape[:-1]``, constants with respect to any autograd or
+      ``torch.func`` transform.
+    """
+    # Constants by definition: detaching here is what keeps the op free of
+    # autograd and lets it run inside torch.func.grad / vjp / jvp.
+    if targets is not None:
+        targets = targets.detach()
+    return token_stats_op(logits.detach(), targets, int(ignore_index))

@@ -1,0 +1,294 @@
+"""Fused one-pass token statistics: the Triton kernel and its launch configuration.
+
+One program handles one row of a ``(rows, vocab)`` logits matrix and reads it
+exactly once, block by block, keeping an online softmax (running maximum, sum of
+``exp`` and sum of ``exp * shifted``) and the two largest values seen. From that
+state it writes the entropy, the top-1 probability, the top-1 minus top-2
+probability, the logsumexp and the target's negative log-likelihood.
+
+Why the block has the shape ``(K, LANES, VEC)``: on a GPU each thread owns one
+lane and loads ``K`` vectors of ``VEC`` contiguous elements (16 bytes) per
+block, the warp's loads of one ``k`` being contiguous (coalesced). Every lane
+keeps its *own* online softmax (maximum, sums) and top-2, so the loop has no
+cross-thread reduction, shuffle or barrier at all: the bf16 loop body is about
+12 SASS instructions per element (sm_90), well under the ~19 instruction slots
+per element that an H100 has at full memory bandwidth. Lanes are merged once,
+at the end of the row.
+
+The arithmetic follows :func:`cggr_fn._stats.token_stats_reference`, which is
+the definition; this module holds only the kernel and :func:`launch`, with no
+torch.library glue (that lives in :mod:`cggr_fn.kernels.ops`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+# Triton decides at decoration time whether kernels are interpreted, so this
+# module decides its launch configuration by the same variable.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+_NEG_INF = tl.constexpr(float("-inf"))
+
+
+@triton.jit
+def _fold_block(x, m1v, m2v, m_l, sh_l, s_l, t_l):
+    """Fold one block ``x`` (fp32, shape (K, LANES, VEC), padding -inf) into the state.
+
+    State: ``m1v``/``m2v`` the elementwise largest and second-largest values
+    seen (duplicates kept, so ties survive), shape (K, LANES, VEC); per lane
+    (shape (LANES,)) the running maximum ``m_l``, the shift ``sh_l`` (``m_l *
+    log2(e)``, or 0 while ``m_l`` is -inf) and the sums ``s_l`` of
+    ``e = 2**d2`` and ``t_l`` of ``e * d2``, ``d2 = x * log2(e) - sh_l``.
+    """
+    m2v = tl.maximum(m2v, tl.minimum(m1v, x))
+    m1v = tl.maximum(m1v, x)
+    m_new = tl.maximum(m_l, tl.max(tl.max(x, axis=2), axis=0))
+    # While a lane has seen only -inf there is nothing to shift by: shift by 0
+    # so -inf entries give exp2(-inf) = 0 rather than exp2(-inf + inf) = NaN.
+    sh_new = tl.where(m_new == _NEG_INF, 0.0, m_new) * _LOG2E
+    # The rescaling exponent is a difference of stored shifts, exactly 0 when
+    # the maximum did not move. (Recomputing it as m_l * log2(e) - sh_new would
+    # be contracted into an FMA whose rounding residual compounds block after
+    # block: 1e-4 relative drift over a 262144-entry row.) A lane's sums are 0
+    # while its maximum is -inf, so any finite scale is right there; 1 avoids
+    # exp2 overflow when the first finite maximum is very negative.
+    old_is_empty = m_l == _NEG_INF
+    delta = tl.where(old_is_empty, 0.0, sh_l - sh_new)
+    scale = tl.where(old_is_empty, 1.0, tl.exp2(delta))
+    d2 = x * _LOG2E - sh_new[None, :, None]
+    e = tl.exp2(d2)
+    # A -inf logit has e = 0 and contributes nothing; clamping d2 avoids the
+    # NaN of 0 * -inf. A NaN logit still poisons the sums through e.
+    ed = e * tl.maximum(d2, -1.0e30)
+    t_l = scale * (t_l + delta * s_l) + tl.sum(tl.sum(ed, axis=2), axis=0)
+    s_l = scale * s_l + tl.sum(tl.sum(e, axis=2), axis=0)
+    return m1v, m2v, m_new, sh_new, s_l, t_l
+
+
+@triton.jit
+def token_stats_kernel(
+    x_ptr,
+    tgt_ptr,
+    entropy_ptr,
+    confidence_ptr,
+    margin_ptr,
+    lse_ptr,
+    nll_ptr,
+    vocab,
+    row_stride,
+    tgt_stride,
+    ignore_index,
+    HAS_TARGETS: tl.constexpr,
+    K: tl.constexpr,
+    LANES: tl.constexpr,
+    VEC: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """One program per row: read the row once, write its five statistics."""
+    BLOCK: tl.constexpr = K * LANES * VEC
+    row = tl.program_id(0)
+    # int64: rows * row_stride exceeds 2**31 elements on large batches.
+    row_ptr = x_ptr + row.to(tl.int64) * row_stride
+    offs = (
+        tl.arange(0, K)[:, None, None] * (LANES * VEC)
+        + tl.arange(0, LANES)[None, :, None] * VEC
+        + tl.arange(0, VEC)[None, None, :]
+    )
+
+    m1v = tl.full((K, LANES, VEC), _NEG_INF, tl.float32)
+    m2v = tl.full((K, LANES, VEC), _NEG_INF, tl.float32)
+    m_l = tl.full((LANES,), _NEG_INF, tl.float32)
+    sh_l = tl.zeros((LANES,), tl.float32)
+    s_l = tl.zeros((LANES,), tl.float32)
+    t_l = tl.zeros((LANES,), tl.float32)
+
+    # Full blocks load unmasked so the loads stay 16-byte vectors whatever the
+    # vocabulary; only the last, partial block pays for a mask.
+    n_full = vocab // BLOCK
+    if PREFETCH:
+        # Software pipelining by hand: the next block's loads are in flight
+        # while this block is folded. A uniform scalar mask keeps them vectors.
+        nxt = tl.load(row_ptr + offs, mask=n_full > 0)
+        for b in range(0, n_full):
+            x = nxt.to(tl.float32)
+            nxt = tl.load(row_ptr + (b + 1) * BLOCK + offs, mask=b + 1 < n_full)
+            m1v, m2v, m_l, sh_l, s_l, t_l = _fold_block(x, m1v, m2v, m_l, sh_l, s_l, t_l)
+    else:
+        for b in range(0, n_full):
+            x = tl.load(row_ptr + b * BLOCK + offs).to(tl.float32)
+            m1v, m2v, m_l, sh_l, s_l, t_l = _fold_block(x, m1v, m2v, m_l, sh_l, s_l, t_l)
+    tail = n_full * BLOCK
+    if tail < vocab:
+        cols = tail + offs
+        x = tl.load(row_ptr + cols, mask=cols < vocab, other=_NEG_INF).to(tl.float32)
+        m1v, m2v, m_l, sh_l, s_l, t_l = _fold_block(x, m1v, m2v, m_l, sh_l, s_l, t_l)
+
+    # Merge the lanes' online softmaxes into one, relative to the row maximum.
+    m = tl.max(m_l, axis=0)
+    shift = tl.where(m == _NEG_INF, 0.0, m) * _LOG2E
+    lane_is_empty = m_l == _NEG_INF
+    delta = tl.where(lane_is_empty, 0.0, sh_l - shift)
+    # Empty lanes hold s = t = 0; weight 0 keeps them out without 0 * NaN.
+    weight = tl.where(lane_is_empty, 0.0, tl.exp2(delta))
+    s = tl.sum(weight * s_l, axis=0)
+    t2 = tl.sum(weight * (t_l + delta * s_l), axis=0)
+
+    # Exact top-2 with duplicates: the maximum counts twice if two slots hold
+    # it or if one slot holds it in both m1v and m2v (then max(m2v) equals it).
+    top1 = tl.max(tl.max(tl.max(m1v, axis=2), axis=1), axis=0)
+    n_top1 = tl.sum(tl.sum(tl.sum((m1v == top1).to(tl.int32), axis=2), axis=1), axis=0)
+    others = tl.where(m1v == top1, _NEG_INF, m1v)
+    top2 = tl.maximum(tl.max(tl.max(tl.max(m2v, axis=2), axis=1), axis=0), tl.max(tl.max(tl.max(others, axis=2), axis=1), axis=0))
+    top2 = tl.where(n_top1 >= 2, top1, top2)
+
+    log2_s = tl.log2(s)
+    # All -inf rows have no distribution: NaN, as the reference gives. NaN and
+    # +inf rows are already NaN through s.
+    empty = m == _NEG_INF
+    # A local, not a module constexpr: NaN != NaN defeats Triton's check that
+    # globals did not change since compilation.
+    nan = float("nan")
+    entropy = tl.where(empty, nan, _LN2 * (log2_s - t2 / s))
+    confidence = tl.where(empty, nan, 1.0 / s)
+    # 1 - exp(gap), with a series near 0 so that near-ties keep their digits
+    # (exp2 is approximate); a tie gives exactly 0, -inf gives exactly 1.
+    gap = top2 - top1
+    near = gap > -0.0009765625
+    one_minus = tl.where(near, 0.0 - gap * (1.0 + gap * (0.5 + gap * 0.16666666666666666)), 1.0 - tl.exp2(gap * _LOG2E))
+    margin = tl.where(empty, nan, one_minus / s)
+    lse = tl.where(empty, nan, _LN2 * (shift + log2_s))
+
+    tl.store(entropy_ptr + row, entropy)
+    tl.store(confidence_ptr + row, confidence)
+    tl.store(margin_ptr + row, margin)
+    tl.store(lse_ptr + row, lse)
+    if HAS_TARGETS:
+        tgt = tl.load(tgt_ptr + row.to(tl.int64) * tgt_stride).to(tl.int64)
+        labelled = tgt != ignore_index
+        in_range = (tgt >= 0) & (tgt < vocab)
+        # Never dereference an ignored or out-of-range target.
+        safe = tl.where(in_range & labelled, tgt, 0)
+        x_t = tl.load(row_ptr + safe, mask=in_range & labelled, other=0.0).to(tl.float32)
+        nll = tl.where(in_range, lse - x_t, nan)
+        nll = tl.where(labelled, nll, 0.0)
+        tl.store(nll_ptr + row, nll)
+    else:
+        tl.store(nll_ptr + row, tl.full((), nan, tl.float32))
+
+
+class LaunchConfig(NamedTuple):
+    """How :func:`launch` runs the kernel for one vocabulary size.
+
+    A block is ``k * lanes * vec`` elements: ``lanes`` lanes (one per thread
+    on a GPU, ``32 * num_warps``) each loading ``k`` vectors of ``vec``
+    contiguous elements.
+
+    Attributes:
+      num_warps: warps per program.
+      k: vectors per lane per block (loads in flight per thread).
+      lanes: lanes per program.
+      vec: elements per vector (16 bytes on a GPU).
+      prefetch: load the next block before folding the current one.
+    """
+
+    num_warps: int
+    k: int
+    lanes: int
+    vec: int
+    prefetch: bool = False
+
+    @property
+    def block(self) -> int:
+        return self.k * self.lanes * self.vec
+
+
+def choose_config(vocab: int, dtype: torch.dtype) -> LaunchConfig:
+    """The launch configuration for rows of ``vocab`` elements of ``dtype``.
+
+    Depends only on the vocabulary and dtype, never on the number of rows, so a
+    compiled program does not recompile when the batch changes.
+
+    Args:
+      vocab: row length.
+      dtype: logits dtype.
+
+    Returns:
+      A :class:`LaunchConfig`.
+    """
+    if INTERPRETING:
+        # The interpreter runs blocks one numpy call at a time: small blocks
+        # keep it fast and make ordinary test rows span several blocks.
+        return LaunchConfig(num_warps=1, k=2, lanes=4, vec=4)
+    vec = 16 // torch.empty((), dtype=dtype).element_size()
+    # Measured on an H100 (benchmarks/results/token_stats.json, "sweep"): 2
+    # vectors per lane with prefetching, and for 16-bit logits 2 warps (more
+    # resident rows per SM hide each row's first-load latency on short rows).
+    num_warps, k = (2 if vec == 8 else 4), 2
+    # Short rows: shrink the block towards the row so few lanes idle.
+    target = triton.next_power_of_2(vocab)
+    while k * 32 * num_warps * vec > target and k > 1:
+        k //= 2
+    while k * 32 * num_warps * vec > target and num_warps > 1:
+        num_warps //= 2
+    while k * 32 * num_warps * vec > target and vec > 1:
+        vec //= 2
+    return LaunchConfig(num_warps=num_warps, k=k, lanes=32 * num_warps, vec=vec, prefetch=True)
+
+
+def launch(
+    rows: torch.Tensor,
+    targets: torch.Tensor | None,
+    ignore_index: int,
+    outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    config: LaunchConfig | None = None,
+):
+    """Run the kernel on a 2-D ``(n, vocab)`` view whose last dim has stride 1.
+
+    Args:
+      rows: logits, ``(n, vocab)``, ``rows.stride(1) == 1``, any row stride.
+      targets: ``(n,)`` integer tensor (any stride) or None.
+      ignore_index: target value meaning "no label".
+      outputs: five float32 ``(n,)`` contiguous tensors written in place:
+        entropy, confidence, margin, logsumexp, nll.
+      config: override of :func:`choose_config` (tests use small blocks).
+
+    Returns:
+      The launched Triton kernel handle (register and spill counts for
+      benchmarks), or None when nothing was launched.
+    """
+    n, vocab = rows.shape
+    if n == 0:
+        return None
+    if config is None:
+        config = choose_config(vocab, rows.dtype)
+    has_targets = targets is not None
+    # The targets pointer is unused without targets; any tensor will do.
+    tgt = targets if has_targets else outputs[4]
+    entropy, confidence, margin, lse, nll = outputs
+    return token_stats_kernel[(n,)](
+        rows,
+        tgt,
+        entropy,
+        confidence,
+        margin,
+        lse,
+        nll,
+        int(vocab),
+        int(rows.stride(0)),
+        int(tgt.stride(0)) if has_targets else 0,
+        int(ignore_index),
+        HAS_TARGETS=has_targets,
+        K=config.k,
+        LANES=config.lanes,
+        VEC=config.vec,
+        PREFETCH=config.prefetch,
+        num_warps=config.num_warps,
+    )

@@ -1,0 +1,275 @@
+"""The fused token-statistics kernel against the PyTorch reference.
+
+On a CPU-only machine the kernel runs under ``TRITON_INTERPRET=1`` (set by
+``tests/conftest.py`` before the library is imported), so shapes stay tiny.
+Real sizes, the > 2**31-element case and CUDA graphs are checked on a GPU by
+``benchmarks/check_token_stats_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cggr_fn._stats import token_stats_reference
+from cggr_fn.kernels import fused_token_stats, token_stats_op
+from cggr_fn.kernels import token_stats as kernel
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+NAMES = ("entropy", "confidence", "margin", "logsumexp", "nll")
+INF = float("inf")
+NAN = float("nan")
+
+# The interpreter evaluates kernels with numpy, which warns on the NaN and
+# division-by-zero arithmetic that non-finite rows exercise on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+
+
+def assert_same_stats(got, want, *, atol=2e-5, rtol=2e-5):
+    """Both paths compute in fp32 from the same upcast inputs, so they agree to
+    fp32 rounding whatever the input dtype; NaNs must sit in the same places."""
+    for name, g, w in zip(NAMES, got, want):
+        assert g.dtype == torch.float32, name
+        assert g.shape == w.shape, name
+        torch.testing.assert_close(g, w, atol=atol, rtol=rtol, equal_nan=True, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def run_launch(logits, targets, ignore_index, config):
+    outputs = tuple(torch.full((logits.shape[0],), -7.0, device=logits.device) for _ in range(5))
+    kernel.launch(logits, targets, ignore_index, outputs, config)
+    return outputs
+
+
+def make_targets(n, vocab, generator=None):
+    targets = torch.randint(0, vocab, (n,), generator=generator)
+    return targets.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab", [2, 3, 17, 130, 1001])
+def test_matches_reference(dtype, vocab):
+    gen = torch.Generator().manual_seed(vocab)
+    logits = (4 * torch.randn(5, vocab, generator=gen)).to(dtype).to(DEVICE)
+    targets = make_targets(5, vocab, gen)
+    assert_same_stats(fused_token_stats(logits, targets, -100), token_stats_reference(logits, targets, -100))
+
+
+# (num_warps, k, lanes, vec): blocks of 4, 8 and 16 elements, so test rows span
+# many blocks and lanes; each with and without prefetching.
+SMALL_CONFIGS = [
+    kernel.LaunchConfig(1, 1, 2, 2),
+    kernel.LaunchConfig(1, 2, 2, 2, prefetch=True),
+    kernel.LaunchConfig(1, 2, 2, 4),
+    kernel.LaunchConfig(1, 1, 4, 4, prefetch=True),
+]
+
+
+@pytest.mark.parametrize("config", SMALL_CONFIGS, ids=str)
+@pytest.mark.parametrize("vocab", [3, 37])
+def test_configs_and_multi_block_rows(config, vocab):
+    gen = torch.Generator().manual_seed(config.block + vocab)
+    logits = (3 * torch.randn(4, vocab, generator=gen)).to(DEVICE)
+    logits[1] += 50.0  # a large common offset: shifted sums must stay stable
+    logits[2, -1] = 30.0  # the maximum arrives in the last (partial) block
+    targets = make_targets(4, vocab, gen)
+    got = run_launch(logits, targets, -100, config)
+    assert_same_stats(got, token_stats_reference(logits, targets, -100))
+
+
+@pytest.mark.parametrize("prefetch", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_ties_give_exact_zero_margin(prefetch, dtype):
+    config = kernel.LaunchConfig(1, 2, 2, 2, prefetch)
+    vocab, block = 40, config.block
+    logits = torch.randn(5, vocab, generator=torch.Generator().manual_seed(1)).clamp(-3, 3)
+    logits[0, 2] = logits[0, 5] = 9.0  # both maxima in one block, different lanes
+    logits[0, 1] = -INF  # a -inf in the same block
+    logits[1, 2] = logits[1, 33] = 9.0  # maxima in different blocks
+    logits[2, 3] = logits[2, 3 + block] = logits[2, 3 + 2 * block] = 9.0  # three, same slot
+    logits[3, 7] = 9.0  # unique maximum, second in the same slot of another block
+    logits[3, 7 + block] = 8.5
+    logits[4, :] = 1.0  # all equal
+    logits = logits.to(dtype).to(DEVICE)
+    got = run_launch(logits, None, -100, config)
+    margin = got[2].cpu()
+    assert torch.equal(margin[[0, 1, 2, 4]], torch.zeros(4))
+    assert margin[3] > 0
+    assert_same_stats(got, token_stats_reference(logits, None, -100))
+
+
+def test_bf16_ties_match_reference_exactly_on_margin():
+    # bf16 logits tie often; the margin must be exactly 0 wherever the
+    # reference's is (the seed kernel's top-2 missed ties inside one block).
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(16, 300, generator=gen).to(torch.bfloat16).to(DEVICE)
+    got = fused_token_stats(logits, None, -100)
+    want = token_stats_reference(logits, None, -100)
+    assert torch.equal(got[2] == 0, want[2] == 0)
+    assert_same_stats(got, want)
+
+
+def test_non_contiguous_rows_are_read_in_place(monkeypatch):
+    big = torch.randn(6, 50, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    view = big[1:, 3:40]  # row stride 50, last-dim stride 1
+    seen = []
+    real_launch = kernel.launch
+
+    def spy(rows, *args, **kwargs):
+        seen.append(rows)
+        return real_launch(rows, *args, **kwargs)
+
+    monkeypatch.setattr(kernel, "launch", spy)
+    targets = make_targets(5, 37)
+    got = fused_token_stats(view, targets, -100)
+    assert seen[0].data_ptr() == view.data_ptr() and seen[0].stride() == (50, 1)
+    assert_same_stats(got, token_stats_reference(view, targets, -100))
+
+
+def test_batched_slice_and_transposed_inputs():
+    base = torch.randn(2, 3, 29, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    sliced = base[..., :21]  # (2, 3, 21) rows with one row stride
+    assert_same_stats(fused_token_stats(sliced, None, -100), token_stats_reference(sliced, None, -100))
+    transposed = base.transpose(-1, -2)  # vocab stride != 1: the one case that copies
+    assert_same_stats(fused_token_stats(transposed, None, -100), token_stats_reference(transposed, None, -100))
+    rows_strided = base[:, ::2, :]  # leading dims that do not collapse: reshape copies
+    assert_same_stats(fused_token_stats(rows_strided, None, -100), token_stats_reference(rows_strided, None, -100))
+
+
+def test_leading_shapes():
+    gen = torch.Generator().manual_seed(6)
+    one = torch.randn(9, generator=gen).to(DEVICE)
+    got = fused_token_stats(one, torch.tensor(4, device=DEVICE), -100)
+    assert all(t.shape == () for t in got)
+    assert_same_stats(got, token_stats_reference(one, torch.tensor(4, device=DEVICE), -100))
+    empty = torch.randn(0, 3, 9).to(DEVICE)
+    got = fused_token_stats(empty, None, -100)
+    assert all(t.shape == (0, 3) for t in got)
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 0, 7, 1000])
+def test_targets_ignore_and_out_of_range(ignore_index):
+    vocab = 7
+    logits = torch.randn(8, vocab, generator=torch.Generator().manual_seed(7)).to(DEVICE)
+    targets = torch.tensor([0, 6, -100, 7, -1, 1000, 3, 0], device=DEVICE)
+    got = fused_token_stats(logits, targets, ignore_index)
+    want = token_stats_reference(logits, targets, ignore_index)
+    assert_same_stats(got, want)
+    nll = got[4].cpu()
+    for i, t in enumerate(targets.tolist()):
+        if t == ignore_index:
+            assert nll[i] == 0.0
+        elif not 0 <= t < vocab:
+            assert torch.isnan(nll[i])
+    # int32 targets and a strided targets view give the same answer.
+    assert_same_stats(fused_token_stats(logits, targets.int(), ignore_index), want)
+    wide = torch.stack([targets, targets], dim=1)
+    assert_same_stats(fused_token_stats(logits, wide[:, 1], ignore_index), want)
+
+
+def test_without_targets_nll_is_nan():
+    logits = torch.randn(3, 5).to(DEVICE)
+    assert torch.isnan(fused_token_stats(logits, None, -100)[4]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", SMALL_CONFIGS[:2], ids=str)
+def test_non_finite_rows(dtype, config):
+    vocab = 12
+    logits = torch.randn(9, vocab, generator=torch.Generator().manual_seed(8))
+    logits[0, 10] = NAN  # NaN in the last block
+    logits[1, 1] = INF
+    logits[2, :] = -INF  # no distribution
+    logits[3, :] = -INF
+    logits[3, 9] = 2.0  # one finite class: entropy 0, confidence 1, margin 1
+    logits[4, ::2] = -INF  # -inf entries are probability-zero classes
+    logits[5, :8] = -INF  # whole leading blocks of -inf, lanes that stay empty for a while
+    logits[6, 0] = INF
+    logits[6, 1] = NAN
+    logits[7, :] = NAN
+    logits[8, 4:] = -INF
+    logits[8, 0] = -200.0  # very negative maximum after -inf: no overflow in rescaling
+    logits = logits.to(dtype).to(DEVICE)
+    targets = torch.tensor([0, 1, 2, 9, 0, 9, -100, 3, 0], device=DEVICE)
+    got = run_launch(logits.reshape(-1, vocab), targets, -100, config)
+    want = token_stats_reference(logits, targets, -100)
+    assert_same_stats(got, want)
+    for stat in got[:4]:
+        assert torch.isnan(stat[[0, 1, 2, 6, 7]].cpu()).all()
+    assert got[4][6].item() == 0.0  # ignored, even on a NaN row
+    assert got[0][3].item() == 0.0 and got[1][3].item() == 1.0 and got[2][3].item() == 1.0
+    assert got[4][4].item() == INF  # target is a -inf class
+
+
+def test_opcheck():
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.randn(2, 3, 11, generator=gen).to(DEVICE)
+    targets = torch.randint(0, 11, (2, 3), generator=gen).to(DEVICE)
+    torch.library.opcheck(token_stats_op, (logits, targets, -100))
+    torch.library.opcheck(token_stats_op, (logits.bfloat16(), targets.int(), 0))
+    # Without targets nll is NaN, which opcheck's output comparison cannot match.
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(token_stats_op, (logits.half(), None, -100), test_utils=checks)
+
+
+def test_compile_fullgraph():
+    def score(logits, targets):
+        entropy, confidence, margin, lse, nll = fused_token_stats(logits, targets, -100)
+        return entropy + margin, nll.sum()
+
+    # aot_eager traces the op through fake tensors and AOTAutograd like
+    # Inductor does, without a minute of CPU code generation; the GPU check
+    # script compiles with Inductor.
+    compiled = torch.compile(score, fullgraph=True, backend="aot_eager")
+    logits = torch.randn(4, 19).to(DEVICE)
+    targets = make_targets(4, 19)
+    got, want = compiled(logits, targets), score(logits, targets)
+    torch.testing.assert_close(got, want, equal_nan=True)
+
+
+def test_vmap():
+    gen = torch.Generator().manual_seed(10)
+    logits = torch.randn(3, 4, 13, generator=gen).to(DEVICE)
+    targets = torch.randint(0, 13, (3, 4), generator=gen).to(DEVICE)
+    want = fused_token_stats(logits, targets, -100)
+    assert_same_stats(torch.func.vmap(lambda x, t: fused_token_stats(x, t, -100))(logits, targets), want)
+    # Batch dim in the middle, targets unbatched, logits unbatched.
+    moved = logits.movedim(0, 1).contiguous()
+    got = torch.func.vmap(lambda x: fused_token_stats(x, targets[0], -100), in_dims=1)(moved)
+    assert_same_stats(got, fused_token_stats(logits, targets[0].expand(3, 4), -100))
+    got = torch.func.vmap(lambda t: fused_token_stats(logits[0], t, -100))(targets)
+    assert_same_stats(got, fused_token_stats(logits[0].expand(3, 4, 13), targets, -100))
+
+
+def test_stats_are_constants_under_func_transforms():
+    logits = torch.randn(4, 9, generator=torch.Generator().manual_seed(11)).to(DEVICE)
+    weight = torch.randn(9).to(DEVICE)
+
+    def loss(w, stats_fn):
+        z = logits * w
+        entropy = stats_fn(z)[0]
+        return (entropy * z.sum(-1)).sum()
+
+    grad = torch.func.grad(loss)(weight, lambda z: fused_token_stats(z, None, -100))
+    want = torch.func.grad(loss)(weight, lambda z: token_stats_reference(z, None, -100))
+    torch.testing.assert_close(grad, want, atol=1e-5, rtol=1e-5)
+
+    _, vjp_fn = torch.func.vjp(lambda w: fused_token_stats(logits * w, None, -100)[0], weight)
+    assert torch.equal(vjp_fn(torch.ones(4, device=DEVICE))[0], torch.zeros(9, device=DEVICE))
+
+    primal, tangent = torch.func.jvp(
+        lambda w: fused_token_stats(logits * w, None, -100)[0], (weight,), (torch.ones_like(weight),)
+    )
+    assert_same_stats((primal,), (token_stats_reference(logits * weight, None, -100)[0],))
+    assert torch.equal(tangent, torch.zeros_like(tangent))
+
+    requires_grad = logits.clone().requires_grad_()
+    assert not any(t.requires_grad for t in fused_token_stats(requires_grad, None, -100))
+
+
+def test_config_depends_only_on_vocab_and_dtype():
+    for vocab in [2, 1000, 32000, 262144]:
+        for dtype in DTYPES:
+            config = kernel.choose_config(vocab, dtype)
+            assert config.block & (config.block - 1) == 0
+            assert config == kernel.choose_config(vocab, dtype)
