@@ -1,0 +1,463 @@
+"""The seed's wrappers (CGGRModel, CGGRScorer, CGGRLoss) as pure functions over logits and a router."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from cggr_fn import _checks
+from cggr_fn._curriculum import Ratio, Step
+from cggr_fn._loss import selective_loss
+from cggr_fn._ranking import capacity, sort_key
+from cggr_fn._scoring import ScoreMethod, score
+from cggr_fn._selection import select
+from cggr_fn.models._common import check_model, default_kwargs
+from cggr_fn.models._router import TruncatedRouter
+
+
+def lm_targets(
+    labels: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    causal: bool = True,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Per-position targets aligned with the logits: what position ``t``'s logits predict.
+
+    For a causal LM, position ``t`` predicts token ``t + 1``: the targets are
+    ``labels`` shifted left by one, and the last position has none
+    (``ignore_index``) -- the shift Hugging Face applies inside its loss when
+    ``labels=`` is passed. For a masked LM (``causal=False``) the targets are
+    the labels. With an ``attention_mask``, a position whose own token or
+    whose target token is padding gets ``ignore_index`` too, so padding is
+    never scored or trained whatever its labels hold.
+
+    Args:
+      labels: ``(..., seq)`` integer tensor; ``ignore_index`` marks no label.
+      attention_mask: optional ``(..., seq)`` tensor, nonzero at real tokens.
+      causal: shift for next-token prediction.
+      ignore_index: the "no label" value.
+
+    Returns:
+      An int64 tensor of ``labels.shape``.
+
+    Example:
+      >>> import torch
+      >>> from cggr_fn.models import lm_targets
+      >>> lm_targets(torch.tensor([[5, 6, 7, 0]]), attention_mask=torch.tensor([[1, 1, 1, 0]]))
+      tensor([[   6,    7, -100, -100]])
+    """
+    _check_labels(labels, "labels")
+    _checks.check_int(ignore_index, "ignore_index")
+    labels = labels.long()
+    if causal:
+        labels = torch.cat([labels[..., 1:], labels.new_full((*labels.shape[:-1], 1), ignore_index)], dim=-1)
+    if attention_mask is not None:
+        real = _real_tokens(attention_mask, labels.shape)
+        target_real = torch.cat([real[..., 1:], real[..., :1]], dim=-1) if causal else real
+        labels = torch.where(real & target_real, labels, ignore_index)
+    return labels
+
+
+def token_scores(
+    logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    causal: bool = True,
+    method: ScoreMethod = "combined",
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Difficulty of every position of a language-model batch, aligned with the logits.
+
+    :func:`cggr_fn.score` of ``logits`` against :func:`lm_targets` of
+    ``labels`` (shifted for a causal LM), so position ``t`` is scored by its own
+    prediction. Positions without a target (the last one of a causal LM,
+    ``ignore_index`` labels) and padding positions (``attention_mask == 0``)
+    score ``-inf``: no selection ever picks them, and padding changes no other
+    score. Without labels, every non-padding position is scored (methods that
+    need no target only).
+
+    Args:
+      logits: ``(batch, seq, vocab)`` floating tensor, e.g. from a :class:`TruncatedRouter`.
+      labels: optional ``(batch, seq)`` integer labels, as passed to a Hugging Face model.
+      attention_mask: optional ``(batch, seq)`` mask, nonzero at real tokens.
+      causal: labels are next-token labels (shift by one); ``False`` for masked LMs.
+      method: a :func:`cggr_fn.score` method.
+      ignore_index: the "no label" value.
+
+    Returns:
+      A float32 ``(batch, seq)`` tensor, detached.
+
+    Example:
+      >>> import torch
+      >>> from cggr_fn.models import token_scores
+      >>> logits = torch.tensor([[[2.0, 0.0], [0.0, 0.0], [1.0, 0.0]]])
+      >>> token_scores(logits, torch.tensor([[0, 1, 0]]), method="loss")
+      tensor([[2.1269, 0.6931,   -inf]])
+    """
+    _checks.check_logits(logits)
+    if labels is not None:
+        targets = lm_targets(labels, attention_mask=attention_mask, causal=causal, ignore_index=ignore_index)
+        return score(logits, targets, method=method, ignore_index=ignore_index)
+    scores = score(logits, method=method, ignore_index=ignore_index)
+    if attention_mask is not None:
+        scores = torch.where(_real_tokens(attention_mask, scores.shape), scores, float("-inf"))
+    return scores
+
+
+def sequence_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Mean difficulty of every sequence over its scored positions (those above ``-inf``).
+
+    A sequence with no scored position gets ``-inf`` (never among the
+    hardest); a NaN score makes its sequence NaN (ranked hardest, never hidden).
+
+    Args:
+      scores: ``(batch, seq)`` floating scores, e.g. from :func:`token_scores`.
+
+    Returns:
+      A float32 ``(batch,)`` tensor.
+
+    Example:
+      >>> import torch
+      >>> from cggr_fn.models import sequence_scores
+      >>> inf = float("inf")
+      >>> sequence_scores(torch.tensor([[1.0, 3.0, -inf], [-inf, -inf, -inf]]))
+      tensor([2., -inf])
+    """
+    _checks.check_scores(scores)
+    if scores.dim() != 2:
+        raise ValueError(f"scores: expected a (batch, seq) tensor, got shape {tuple(scores.shape)}")
+    scores = scores.float()
+    scored = ~torch.isneginf(scores)
+    count = scored.sum(-1)
+    mean = torch.where(scored, scores, 0.0).sum(-1) / count.clamp_min(1)
+    return torch.where(count > 0, mean, float("-inf"))
+
+
+def hardest_sequences(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Indices of the ``capacity(ratio, batch)`` sequences of highest mean difficulty.
+
+    A static number of sequences (``ratio`` must be a Python float, so the
+    training subset has a fixed shape), ranked by :func:`sequence_scores`
+    with the core's order: NaN hardest, ties by position. Returned in
+    ascending batch order.
+
+    Args:
+      scores: ``(batch, seq)`` per-position scores, e.g. from :func:`token_scores`.
+      ratio: fraction of the sequences to keep, in ``(0, 1]``.
+
+    Returns:
+      An int64 tensor of ``capacity(ratio, batch)`` distinct indices.
+
+    Example:
+      >>> import torch
+      >>> from cggr_fn.models import hardest_sequences
+      >>> hardest_sequences(torch.tensor([[0.1, 0.2], [0.9, 0.8], [0.5, 0.5], [0.7, 0.0]]), 0.5)
+      tensor([1, 2])
+    """
+    if isinstance(ratio, torch.Tensor):
+        raise TypeError("ratio: expected a Python float (the number of sequences is a static shape), got a tensor")
+    per_sequence = sequence_scores(scores)
+    k = capacity(ratio, per_sequence.numel())
+    order = torch.sort(sort_key(per_sequence), descending=True, stable=True).indices
+    return order[:k].sort().values
+
+
+def take_sequences(batch: Mapping[str, Any], indices: torch.Tensor) -> dict[str, Any]:
+    """Rows ``indices`` of every batch-sized tensor in ``batch`` (other values pass unchanged).
+
+    A tensor is batch-sized when its first dim equals that of the largest
+    first dim in ``batch`` (so a broadcast ``position_ids`` of shape
+    ``(1, seq)`` passes unchanged). Static shapes; no host sync.
+
+    Args:
+      batch: keyword arguments of a model call, e.g. ``input_ids``, ``labels``, ``attention_mask``.
+      indices: int64 ``(k,)`` indices, e.g. from :func:`hardest_sequences`.
+
+    Returns:
+      A new dict with the same keys.
+
+    Example:
+      >>> import torch
+      >>> from cggr_fn.models import take_sequences
+      >>> take_sequences({"input_ids": torch.arange(6).reshape(3, 2), "use_cache": False}, torch.tensor([2]))
+      {'input_ids': tensor([[4, 5]]), 'use_cache': False}
+    """
+    if not isinstance(batch, Mapping):
+        raise TypeError(f"batch: expected a mapping of model keyword arguments, got {type(batch).__name__}")
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype != torch.int64:
+        raise TypeError(f"indices: expected a 1-d int64 tensor, got {getattr(indices, 'dtype', type(indices).__name__)}")
+    sizes = [v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
+    size = max(sizes, default=0)
+    return {
+        key: value.index_select(0, indices.to(value.device))
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size
+        else value
+        for key, value in batch.items()
+    }
+
+
+def hardest_sequence_loss(
+    model: nn.Module,
+    router: TruncatedRouter,
+    params: dict[str, torch.Tensor],
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    ratio: float,
+    causal: bool = True,
+    method: ScoreMethod = "combined",
+    ignore_index: int = -100,
+    **model_kwargs: Any,
+) -> torch.Tensor:
+    """Train on the hardest sequences of the batch: router pass, pick, full forward on the subset.
+
+    Replaces the seed's ``CGGRModel(model, router, min_tokens_ratio)``. Scores
+    every position with the router (:func:`token_scores`, next-token aligned
+    for a causal LM, padding excluded), keeps the :func:`hardest_sequences`
+    (a static ``capacity(ratio, batch)`` of them), gathers ``input_ids``,
+    ``labels`` and every batch-sized model keyword argument (e.g.
+    ``attention_mask``) with :func:`take_sequences`, runs ``model`` on that
+    subset through :func:`torch.func.functional_call` with ``params``, and
+    returns :func:`lm_loss` of its logits (the mean over labelled positions,
+    as the model computes from ``labels=``). Differentiable in ``params``
+    (the selection is a constant); compiles with
+    ``torch.compile(fullgraph=True)``.
+
+    Args:
+      model: a Hugging Face model that returns ``.logits``.
+      router: a :class:`TruncatedRouter` of ``model``.
+      params: the model's parameters by name, e.g. ``dict(model.named_parameters())``.
+      input_ids: ``(batch, seq)`` token ids.
+      labels: ``(batch, seq)`` labels (``ignore_index`` = no label).
+      ratio: fraction of sequences to train on, a Python float in ``(0, 1]``.
+      causal: ``labels`` are next-token labels; ``False`` for masked LMs.
+      method: a :func:`cggr_fn.score` method for the router's logits.
+      ignore_index: the "no label" value.
+      **model_kwargs: further model arguments, e.g. ``attention_mask``.
+
+    Returns:
+      The model's 0-d loss on the selected sequences.
+
+    Example:
+      >>> import torch, transformers
+      >>> from cggr_fn.models import hardest_sequence_loss, truncated_router
+      >>> config = transformers.GPT2Config(vocab_size=32, n_embd=16, n_layer=2, n_head=2, n_positions=8)
+      >>> model = transformers.GPT2LMHeadModel(config)
+      >>> router = truncated_router(model, num_layers=1)
+      >>> params = dict(model.named_parameters())
+      >>> ids = torch.randint(0, 32, (4, 6))
+      >>> loss = hardest_sequence_loss(model, router, params, ids, ids, ratio=0.5)
+      >>> loss.backward()  # trains on 2 of the 4 sequences
+    """
+    check_model(model)
+    if not isinstance(router, TruncatedRouter):
+        raise TypeError(f"router: expected a TruncatedRouter (from truncated_router), got {type(router).__name__}")
+    logits = router(params, input_ids, **model_kwargs)
+    scores = token_scores(
+        logits, labels, attention_mask=model_kwargs.get("attention_mask"), causal=causal, method=method,
+        ignore_index=ignore_index,
+    )
+    subset = take_sequences({"input_ids": input_ids, "labels": labels, **model_kwargs}, hardest_sequences(scores, ratio))
+    subset_labels = subset.pop("labels")
+    out = functional_call(model, params, (), {**default_kwargs(model), **subset})
+    return lm_loss(
+        out.logits, subset_labels, attention_mask=subset.get("attention_mask"), causal=causal, ignore_index=ignore_index
+    )
+
+
+def lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    causal: bool = True,
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Mean cross-entropy over every labelled position: the dense loss Hugging Face computes from ``labels=``.
+
+    The mean of ``-log p[target]`` over :func:`lm_targets` (shifted for a
+    causal LM; padding excluded when ``attention_mask`` is given), in
+    float32. Computing it here rather than passing ``labels=`` to the model
+    keeps Hugging Face's loss dispatch, which logs a warning for some models
+    (GPT-2), out of a compiled step.
+
+    Args:
+      logits: ``(batch, seq, vocab)`` logits.
+      labels: ``(batch, seq)`` labels as passed to a Hugging Face model (unshifted).
+      attention_mask: optional ``(batch, seq)`` mask, nonzero at real tokens.
+      causal: ``labels`` are next-token labels; ``False`` for masked LMs.
+      ignore_index: the "no label" value.
+
+    Returns:
+      A 0-d float32 loss (0 when nothing is labelled).
+
+    Example:
+      >>> import torch
+      >>> from cggr_fn.models import lm_loss
+      >>> logits = torch.tensor([[[0.0, 0.0], [0.0, 4.0], [1.0, 1.0]]])
+      >>> lm_loss(logits, torch.tensor([[0, 1, 1]]))  # (0.6931 + 0.0181) / 2
+      tensor(0.3556)
+    """
+    targets = lm_targets(labels, attention_mask=attention_mask, causal=causal, ignore_index=ignore_index)
+    return selective_loss(logits, targets, targets != ignore_index, ignore_index=ignore_index)
+
+
+class ScoredMask(NamedTuple):
+    """Per-position difficulty and the selected positions, both ``(batch, seq)``.
+
+    Attributes:
+      difficulty: float32 scores, higher = harder, ``-inf`` at positions that
+        cannot be selected (padding, no target).
+      mask: boolean, true at the selected (hard) positions.
+    """
+
+    difficulty: torch.Tensor
+    mask: torch.Tensor
+
+
+def routing_mask(
+    router: TruncatedRouter,
+    params: dict[str, torch.Tensor],
+    input_ids: torch.Tensor,
+    *,
+    ratio: Ratio,
+    labels: torch.Tensor | None = None,
+    attention_mask: torch.Tensor | None = None,
+    causal: bool = True,
+    method: ScoreMethod = "combined",
+    strategy: str = "topk",
+    num_strata: int = 4,
+    min_per_sequence: int = 1,
+    seed: Step = 0,
+    ignore_index: int = -100,
+    model_kwargs: Mapping[str, Any] | None = None,
+) -> ScoredMask:
+    """Score a batch with the router and select a fixed number of hard positions, as a mask.
+
+    Replaces the seed's ``CGGRScorer(router, min_tokens_ratio)`` for
+    "null routing" in mixture-of-experts style models: the mask has the
+    batch's static shape and exactly ``capacity(ratio, batch * seq)`` true
+    entries (fewer only when fewer positions are selectable), so it can gate
+    an expert (``expert(x) * mask[..., None]``) or feed a fixed-capacity
+    dispatch without data-dependent shapes. Scores are :func:`token_scores`
+    (padding and positions without a target never selected); selection is
+    :func:`cggr_fn.select`.
+
+    Args:
+      router: a :class:`TruncatedRouter`.
+      params: the model's parameters by name.
+      input_ids: ``(batch, seq)`` token ids.
+      ratio: keep ratio in ``(0, 1]``, a float or a 0-d tensor (e.g. from :func:`cggr_fn.dynamic_ratio`).
+      labels: optional labels; without them positions are scored by the
+        method alone (``"loss"`` needs labels).
+      attention_mask: optional ``(batch, seq)`` mask, nonzero at real tokens;
+        passed to the router too.
+      causal: ``labels`` are next-token labels; ``False`` for masked LMs.
+      method: a :func:`cggr_fn.score` method.
+      strategy, num_strata, min_per_sequence, seed: as in :func:`cggr_fn.select`.
+      ignore_index: the "no label" value.
+      model_kwargs: further router arguments, e.g. ``position_ids``.
+
+    Returns:
+      A :class:`ScoredMask` ``(difficulty, mask)``.
+
+    Example:
+      >>> import torch, transformers
+      >>> from cggr_fn.models import routing_mask, truncated_router
+      >>> config = transformers.GPT2Config(vocab_size=32, n_embd=16, n_layer=2, n_head=2, n_positions=8)
+      >>> model = transformers.GPT2LMHeadModel(config)
+      >>> router = truncated_router(model, num_layers=1)
+      >>> out = routing_mask(router, dict(model.named_parameters()), torch.randint(0, 32, (2, 8)), ratio=0.25)
+      >>> out.mask.shape, int(out.mask.sum())
+      (torch.Size([2, 8]), 4)
+    """
+    if not isinstance(router, TruncatedRouter):
+        raise TypeError(f"router: expected a TruncatedRouter (from truncated_router), got {type(router).__name__}")
+    extra = dict(model_kwargs or {})
+    if attention_mask is not None:
+        extra["attention_mask"] = attention_mask
+    logits = router(params, input_ids, **extra)
+    difficulty = token_scores(
+        logits, labels, attention_mask=attention_mask, causal=causal, method=method, ignore_index=ignore_index
+    )
+    mask = select(difficulty, ratio, strategy=strategy, num_strata=num_strata, min_per_sequence=min_per_sequence, seed=seed)
+    return ScoredMask(difficulty, mask)
+
+
+def selective_lm_loss(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    ratio: Ratio,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    causal: bool = True,
+    method: ScoreMethod = "combined",
+    strategy: str = "topk",
+    num_strata: int = 4,
+    min_per_sequence: int = 1,
+    seed: Step = 0,
+    normalize: str = "selected",
+    ignore_index: int = -100,
+) -> torch.Tensor:
+    """Language-model cross-entropy over the hardest positions only, from the model's logits.
+
+    Replaces the seed's ``CGGRLoss``: the curriculum and the dynamic
+    threshold are not hidden state here but the ``ratio`` you pass (e.g.
+    ``cggr_fn.ratio_schedule(step, ...)``, optionally through
+    :func:`cggr_fn.dynamic_ratio`). Positions are scored by
+    :func:`token_scores` (next-token aligned for a causal LM; padding and
+    unlabelled positions never selected), ``capacity(ratio, batch * seq)``
+    are selected with :func:`cggr_fn.select`, and the loss is
+    :func:`cggr_fn.selective_loss` over them against the same shifted
+    targets. Only the loss is gated, not the depth: every selected token
+    trains the whole model.
+
+    Args:
+      logits: ``(batch, seq, vocab)`` logits of the full model.
+      labels: ``(batch, seq)`` labels as passed to a Hugging Face model (unshifted).
+      ratio: keep ratio in ``(0, 1]``, a float or a 0-d tensor.
+      attention_mask: optional ``(batch, seq)`` mask, nonzero at real tokens.
+      causal: ``labels`` are next-token labels; ``False`` for masked LMs.
+      method: a :func:`cggr_fn.score` method.
+      strategy, num_strata, min_per_sequence, seed: as in :func:`cggr_fn.select`.
+      normalize: ``"selected"`` or ``"valid"``, as in :func:`cggr_fn.selective_loss`.
+      ignore_index: the "no label" value.
+
+    Returns:
+      A 0-d float32 loss.
+
+    Example:
+      >>> import torch
+      >>> from cggr_fn.models import selective_lm_loss
+      >>> logits = torch.tensor([[[0.0, 4.0], [0.0, 0.0], [0.0, 4.0], [0.0, 0.0]]])
+      >>> labels = torch.tensor([[1, 0, 1, 1]])  # position t is scored against labels[t + 1]
+      >>> selective_lm_loss(logits, labels, 0.25, method="loss")  # k = 1 of 4 positions: the hardest
+      tensor(4.0181)
+    """
+    targets = lm_targets(labels, attention_mask=attention_mask, causal=causal, ignore_index=ignore_index)
+    scores = score(logits, targets, method=method, ignore_index=ignore_index)
+    mask = select(scores, ratio, strategy=strategy, num_strata=num_strata, min_per_sequence=min_per_sequence, seed=seed)
+    return selective_loss(logits, targets, mask, ignore_index=ignore_index, normalize=normalize)
+
+
+def _check_labels(labels: object, name: str) -> None:
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer tensor, got dtype {labels.dtype}")
+    if labels.dim() < 1:
+        raise ValueError(f"{name}: expected at least 1 dimension (..., seq), got a 0-d tensor")
+
+
+def _real_tokens(attention_mask: object, shape: torch.Size) -> torch.Tensor:
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask: expected a torch.Tensor, got {type(attention_mask).__name__}")
+    if attention_mask.shape != shape:
+        raise ValueError(f"attention_mask: expected shape {tuple(shape)}, got {tuple(attention_mask.shape)}")
+    return attention_mask != 0
