@@ -16,16 +16,14 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _row_mask(mask: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
     """``mask`` shaped to broadcast over ``leaf``: its dims are the leading (row) dims."""
+    if mask.dim() > leaf.dim():
+        raise ValueError(f"mask: has {mask.dim()} dims, more than an output of shape {tuple(leaf.shape)}")
     rows = leaf.shape[: mask.dim()]
-    try:
-        torch.broadcast_shapes(mask.shape, rows)
-    except RuntimeError:
+    if any(m not in (1, r) for m, r in zip(mask.shape, rows)):
         raise ValueError(
             f"mask: expected a shape broadcastable to the output rows {tuple(rows)} "
             f"(the leading {mask.dim()} dims of an output of shape {tuple(leaf.shape)}), got {tuple(mask.shape)}"
-        ) from None
-    if mask.dim() > leaf.dim():
-        raise ValueError(f"mask: has {mask.dim()} dims, more than an output of shape {tuple(leaf.shape)}")
+        )
     return mask.reshape(mask.shape + (1,) * (leaf.dim() - mask.dim()))
 
 
