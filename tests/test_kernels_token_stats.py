@@ -1,7 +1,8 @@
 """The fused token-statistics kernel against the PyTorch reference.
 
-On a CPU-only machine the kernel runs under ``TRITON_INTERPRET=1`` (set by
-``tests/conftest.py`` before the library is imported), so shapes stay tiny.
+On a CPU-only machine the kernel runs under ``TRITON_INTERPRET=1`` (set by the
+root ``conftest.py`` before the library is imported), so shapes stay tiny; on a
+GPU machine the same tests run on CUDA.
 Real sizes, the > 2**31-element case and CUDA graphs are checked on a GPU by
 ``benchmarks/check_token_stats_gpu.py``.
 """
