@@ -180,6 +180,17 @@ def main():
         compare(f"vocab 2 {dtype}", make(4 * rows, 2, dtype, gen=gen), targets_for(4 * rows, 2, gen))
         compare(f"vocab 3 {dtype}", make(4 * rows, 3, dtype, gen=gen), targets_for(4 * rows, 3, gen))
 
+    # 1b. Large-magnitude peaked rows stay inside the documented ranges: the
+    # maximum's own exponent must be exactly 0 (no FMA residual).
+    for dtype, big in ((torch.float16, 60000.0), (torch.bfloat16, 3.0e38), (torch.float32, 1.0e30), (torch.float32, 1000.0)):
+        rows, vocab = (64, 32000) if not tiny else (4, 300)
+        x = torch.full((rows, vocab), -big, device=DEV)
+        x[torch.arange(rows), torch.arange(rows) * 7 % vocab] = big
+        x[1::2] = x[1::2] * 1e-3
+        stats = fused_token_stats(x.to(dtype), None, -100)
+        check(f"large magnitude {dtype} {big:g}: confidence <= 1", bool((stats[1] <= 1).all()), str(stats[1].max().item()))
+        check(f"large magnitude {dtype} {big:g}: entropy >= 0", bool((stats[0] >= 0).all()), str(stats[0].min().item()))
+
     # 2. Every launch configuration the benchmark sweeps computes the same function.
     import bench_token_stats as bench
 

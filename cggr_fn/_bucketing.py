@@ -34,27 +34,24 @@ def bucket_sizes(num_tokens: int, step: Step, *, num_buckets: int = 4, warmup_st
       [[10, 0, 0, 0], [7, 1, 1, 1], [3, 3, 2, 2]]
     """
     starts = _bucket_starts(num_tokens, step, num_buckets, warmup_steps)
-    if isinstance(starts, list):
-        return [end - start for start, end in zip(starts, starts[1:] + [num_tokens])]
-    return torch.diff(starts, append=starts.new_full((1,), num_tokens))
+    sizes = [end - start for start, end in zip(starts, starts[1:] + [num_tokens])]
+    return torch.stack(sizes) if isinstance(step, torch.Tensor) else sizes
 
 
-def _bucket_starts(num_tokens: int, step: Step, num_buckets: int, warmup_steps: int) -> torch.Tensor | list[int]:
-    """First rank of every bucket.
+def _bucket_starts(num_tokens: int, step: Step, num_buckets: int, warmup_steps: int) -> list[Step]:
+    """First rank of every bucket: Python ints, or 0-d tensors on the step's device.
 
     Bucket 0 always starts at rank 0; the start of bucket ``b >= 1`` moves from
-    ``num_tokens`` (empty) to its final rank as warmup progresses.
+    ``num_tokens`` (empty) to its final rank as warmup progresses. Only scalar
+    arithmetic on the step: no host-to-device copy, so nothing synchronises
+    and CUDA graphs can capture it.
     """
     _checks.check_int(num_tokens, "num_tokens", minimum=0)
     _checks.check_int(num_buckets, "num_buckets", minimum=1)
     done, total = warmup_progress(step, warmup_steps)
     base, extra = divmod(num_tokens, num_buckets)
-    final = [b * base + min(b, extra) for b in range(num_buckets)]
-    if isinstance(done, torch.Tensor):
-        final_t = torch.tensor(final, dtype=torch.int64, device=done.device)
-        starts = num_tokens - (num_tokens - final_t) * done // total
-        return torch.where(torch.arange(num_buckets, device=done.device) == 0, 0, starts)
-    return [0] + [num_tokens - (num_tokens - start) * done // total for start in final[1:]]
+    finals = [b * base + min(b, extra) for b in range(1, num_buckets)]
+    return [done * 0] + [num_tokens - (num_tokens - final) * done // total for final in finals]
 
 
 def bucket(scores: torch.Tensor, step: Step, *, num_buckets: int = 4, warmup_steps: int = 1000) -> torch.Tensor:
@@ -87,9 +84,11 @@ def bucket(scores: torch.Tensor, step: Step, *, num_buckets: int = 4, warmup_ste
     """
     _checks.check_scores(scores)
     starts = _bucket_starts(scores.numel(), step, num_buckets, warmup_steps)
-    starts = torch.as_tensor(starts[1:], dtype=torch.int64, device=scores.device)
     rank = difficulty_rank(scores.reshape(-1))
-    return (rank.unsqueeze(-1) >= starts).sum(-1).reshape(scores.shape)
+    buckets = torch.zeros_like(rank)
+    for start in starts[1:]:
+        buckets = buckets + (rank >= start)
+    return buckets.reshape(scores.shape)
 
 
 def bucket_depth(buckets: torch.Tensor, *, num_layers: int, num_buckets: int = 4) -> torch.Tensor:

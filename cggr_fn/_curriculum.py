@@ -105,6 +105,7 @@ def dynamic_ratio(
             raise ValueError(f"valid: expected shape {tuple(confidence.shape)} (confidence's), got {tuple(valid.shape)}")
         count = valid.sum().clamp_min(1)
         mean = torch.where(valid, confidence, 0.0).sum() / count
-    adjusted = torch.as_tensor(ratio, dtype=torch.float32, device=confidence.device)
-    adjusted = adjusted + sensitivity * (target_confidence - mean)
+    # A Python ratio stays a Python number and a tensor ratio a 0-d scalar on its
+    # own device: no host-to-device copy, so nothing synchronises.
+    adjusted = (ratio.float() if isinstance(ratio, torch.Tensor) else ratio) + sensitivity * (target_confidence - mean)
     return torch.nan_to_num(adjusted, nan=max_ratio).clamp(min_ratio, max_ratio)

@@ -31,10 +31,11 @@ def selective_loss(
       value shrinks with the ratio instead).
 
     A denominator of 0 (nothing selected or labelled) gives a loss of 0 with
-    zero gradient. Computed in float32 whatever the logits dtype. NaN or
-    ``+inf`` logits are never hidden: they make the loss NaN even in rows that
-    are not selected. An
-    out-of-range target gives NaN too (:func:`cggr_fn.checking` raises on it).
+    zero gradient. Computed in float32 whatever the logits dtype. A labelled
+    row whose nll is NaN (NaN or ``+inf`` logits, an out-of-range target)
+    makes the loss NaN even when it is not selected, so broken logits are
+    never hidden; :func:`cggr_fn.checking` raises on them instead. Rows whose
+    target is ``ignore_index`` are not looked at.
 
     Args:
       logits: ``(..., vocab)`` floating tensor.
@@ -68,8 +69,10 @@ def selective_loss(
     trained = mask & labelled
     denominator = (trained if normalize == "selected" else labelled).sum().clamp_min(1)
     loss = torch.where(trained, nll, 0.0).sum() / denominator
-    # Adds 0 to a finite loss and NaN otherwise: a broken row anywhere shows up.
-    return loss + torch.where(labelled, nll.detach(), 0.0).sum() * 0.0
+    # Adds exactly 0, or NaN if any labelled row is broken (an unselected row
+    # whose target has probability 0 has nll = +inf, which is legitimate).
+    broken = (labelled & torch.isnan(nll.detach())).any()
+    return loss + torch.where(broken, float("nan"), 0.0)
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:

@@ -16,6 +16,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def _row_mask(mask: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
     """``mask`` shaped to broadcast over ``leaf``: its dims are the leading (row) dims."""
+    if mask.device != leaf.device:
+        raise ValueError(f"mask: expected device {leaf.device} (the output's), got {mask.device}")
     if mask.dim() > leaf.dim():
         raise ValueError(f"mask: has {mask.dim()} dims, more than an output of shape {tuple(leaf.shape)}")
     rows = leaf.shape[: mask.dim()]
@@ -62,7 +64,7 @@ def route_grad(fn: F, mask: torch.Tensor, *, leak: float = 0.0) -> F:
     Args:
       fn: any function of tensors returning a pytree of tensors.
       mask: boolean tensor broadcastable to the leading dims of every output.
-      leak: gradient scale of the unmasked rows, in ``[0, 1]``.
+      leak: gradient scale of the rows where ``mask`` is false, in ``[0, 1]``.
 
     Returns:
       A function with ``fn``'s signature and outputs.

@@ -76,6 +76,8 @@ def score(
     if not isinstance(scores, torch.Tensor) or scores.shape != stats.entropy.shape:
         got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
         raise ValueError(f"method: the callable must return a tensor of shape {tuple(stats.entropy.shape)}, got {got}")
+    if not scores.is_floating_point():
+        raise TypeError(f"method: the callable must return a floating-point tensor, got dtype {scores.dtype}")
     scores = scores.detach().float()
     if targets is not None:
         scores = torch.where(targets == ignore_index, UNSELECTABLE, scores)

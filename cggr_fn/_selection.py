@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from cggr_fn import _checks
@@ -67,17 +69,18 @@ def select(
     _checks.check_scores(scores)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
-    k = capacity_tensor(ratio, scores.numel(), scores.device)
+    k = capacity_tensor(ratio, scores.numel())
     flat = scores.reshape(-1)
     rank = difficulty_rank(flat)
     if strategy == "topk":
-        first = torch.zeros_like(flat, dtype=torch.bool)
-    elif strategy == "stratified":
+        # Unselectable tokens rank last, so the k first ranks hold min(k, selectable) of them.
+        return ((rank < k) & selectable(flat)).reshape(scores.shape)
+    if strategy == "stratified":
         _checks.check_int(num_strata, "num_strata", minimum=1)
         first = _stratified_first_round(flat, rank, k, num_strata, seed)
     else:
         _checks.check_int(min_per_sequence, "min_per_sequence", minimum=0)
-        rows = scores.reshape(-1, scores.shape[-1]) if scores.dim() > 0 else flat.reshape(1, -1)
+        rows = flat.reshape(math.prod(scores.shape[:-1]), scores.shape[-1]) if scores.dim() > 0 else flat.reshape(1, 1)
         needed = rows.shape[0] * min(min_per_sequence, rows.shape[1])
         if isinstance(k, int) and needed > k:
             raise ValueError(
@@ -129,7 +132,9 @@ def _position_hash(n: int, seed: Step, device: torch.device) -> torch.Tensor:
     of generator state that would break ``torch.compile``.
     """
     mask = 0xFFFFFFFF
-    seed = torch.as_tensor(seed, dtype=torch.int64, device=device) & mask
+    # A Python seed stays a Python int (no host-to-device copy); a tensor seed
+    # may live on any device as a 0-d scalar.
+    seed = seed.long() & mask if isinstance(seed, torch.Tensor) else seed & mask
     h = (torch.arange(n, dtype=torch.int64, device=device) * 0x9E3779B1 + seed * 0x7FEB352D) & mask
     for multiplier, shift in ((0x2C1B3C6D, 16), (0x297A2D39, 15), (0x5BD1E995, 13)):
         h = ((h ^ (h >> shift)) * multiplier) & mask

@@ -32,6 +32,7 @@ CASES = [
     (lambda: cggr_fn.score(LOGITS, method="loss"), ValueError, r'method: "loss" scores by the nll and needs targets'),
     (lambda: cggr_fn.score(LOGITS, method=3), TypeError, r"method: expected a str or a callable"),
     (lambda: cggr_fn.score(LOGITS, method=lambda s: s.entropy[0]), ValueError, r"method: the callable must return a tensor of shape \(2, 3\)"),
+    (lambda: cggr_fn.score(LOGITS, method=lambda s: s.entropy > 1), TypeError, r"method: the callable must return a floating-point tensor, got dtype torch.bool"),
     # ratio
     (lambda: cggr_fn.select(SCORES, 0.0), ValueError, r"ratio: expected a value in \(0, 1\], got 0.0"),
     (lambda: cggr_fn.select(SCORES, 1.5), ValueError, r"ratio: expected a value in \(0, 1\], got 1.5"),
@@ -67,6 +68,7 @@ CASES = [
     (lambda: cggr_fn.route_grad(identity, torch.ones(3, dtype=torch.bool))(torch.randn(2, 4)), ValueError, r"mask: expected a shape broadcastable to the output rows \(2,\)"),
     (lambda: cggr_fn.route_grad(identity, MASK)(torch.randn(2)), ValueError, r"mask: has 2 dims, more than an output of shape \(2,\)"),
     (lambda: cggr_fn.route_grad(identity, MASK)(torch.randn(1, 3)), ValueError, r"mask: expected a shape broadcastable to the output rows \(1, 3\)"),
+    (lambda: cggr_fn.route_grad(identity, MASK.to("meta"))(torch.randn(2, 3)), ValueError, r"mask: expected device cpu \(the output's\), got meta"),
     (lambda: cggr_fn.route_depth([], TARGETS), TypeError, r"layers: expected a non-empty sequence of callables"),
     (lambda: cggr_fn.route_depth([identity], SCORES), TypeError, r"depth: expected an integer tensor"),
     (lambda: cggr_fn.route_depth([identity], TARGETS, leak=2.0), ValueError, r"leak: expected a value in \[0, 1\]"),

@@ -1,6 +1,7 @@
 """Property tests for capacity, bucket and select against plain-Python references."""
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -23,17 +24,29 @@ def reference_order(scores):
     return sorted(range(len(scores)), key=lambda i: (-key[i], i))
 
 
-def reference_capacity(ratio, n):
-    exact = ratio * n
-    nearest = round(exact)
-    return max(min(1, n), min(n, nearest if abs(exact - nearest) <= 1e-6 * max(exact, 1) else math.ceil(exact)))
-
-
-@given(ratio=ratios, n=st.integers(0, 10_000))
-def test_capacity(ratio, n):
+@given(ratio=ratios, n=st.integers(0, 10**8))
+def test_capacity_is_the_ceiling_up_to_float_rounding(ratio, n):
     k = cggr_fn.capacity(ratio, n)
-    assert k == reference_capacity(ratio, n)
+    exact = Fraction(ratio) * n  # the float's exact value
     assert (n == 0 and k == 0) or 1 <= k <= n
+    if n:
+        # k is ceil(ratio * n), or one less when ratio * n exceeds an integer
+        # by float64 rounding noise only.
+        assert k == max(1, math.ceil(exact)) or (k == math.ceil(exact) - 1 and exact - k < Fraction(1, 10**6))
+
+
+@pytest.mark.parametrize("decimal", ["0.7", "0.25", "0.3", "0.001", "0.999", "0.123457"])
+@pytest.mark.parametrize("n", [10, 1_000_001, 1_048_576, 2_000_002, 16_777_216])
+def test_capacity_is_the_exact_ceiling_of_the_decimal_ratio(decimal, n):
+    expected = math.ceil(Fraction(decimal) * n)
+    assert cggr_fn.capacity(float(decimal), n) == expected
+    # A tensor ratio gives the same k on-device: float64 at any n, float32 where
+    # its 24-bit mantissa can tell k from its neighbours.
+    if n <= 2_000_002:
+        scores = torch.zeros(n)
+        assert int(cggr_fn.select(scores, torch.tensor(float(decimal), dtype=torch.float64)).sum()) == expected
+        if n == 10:
+            assert int(cggr_fn.select(scores, torch.tensor(float(decimal))).sum()) == expected
 
 
 def test_capacity_ignores_float_rounding():
@@ -188,6 +201,11 @@ def test_nan_scores_are_selected_first_and_ignored_never():
 def test_fewer_selectable_than_k_selects_all_selectable():
     x = torch.tensor([-INF, 1.0, -INF, -INF])
     assert cggr_fn.select(x, 1.0).tolist() == [False, True, False, False]
+
+
+@pytest.mark.parametrize("strategy", ["topk", "stratified", "sequence_aware"])
+def test_select_handles_empty_inputs(strategy):
+    assert cggr_fn.select(torch.zeros(2, 0), 0.5, strategy=strategy).shape == (2, 0)
 
 
 def test_select_keeps_shape_for_higher_rank_inputs():

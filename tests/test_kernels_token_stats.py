@@ -202,6 +202,18 @@ def test_non_finite_rows(dtype, config):
     assert got[4][4].item() == INF  # target is a -inf class
 
 
+@pytest.mark.parametrize(
+    "dtype, big", [(torch.float16, 60000.0), (torch.bfloat16, 1e30), (torch.bfloat16, 3e38), (torch.float32, 3e38)], ids=str
+)
+def test_large_magnitude_rows_stay_in_range(dtype, big):
+    logits = torch.full((3, 50), -big)
+    logits[torch.arange(3), torch.tensor([5, 0, 49])] = big
+    logits = logits.to(dtype).to(DEVICE)
+    got = fused_token_stats(logits, None, -100)
+    assert (got[1] == 1).all() and (got[0] == 0).all() and (got[2] == 1).all()
+    assert_same_stats(got, token_stats_reference(logits, None, -100))
+
+
 def test_opcheck():
     gen = torch.Generator().manual_seed(9)
     logits = torch.randn(2, 3, 11, generator=gen).to(DEVICE)

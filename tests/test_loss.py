@@ -71,6 +71,19 @@ def test_nan_logits_surface_in_the_loss_even_when_not_selected():
     assert math.isnan(float(loss))
 
 
+def test_an_impossible_unselected_target_does_not_poison_the_loss():
+    """A -inf logit is a probability-zero class: its nll is +inf, which is not NaN."""
+    logits = torch.tensor([[0.0, float("-inf"), 1.0], [1.0, 2.0, 3.0]])
+    loss = cggr_fn.selective_loss(logits, torch.tensor([1, 2]), torch.tensor([False, True]))
+    assert float(loss) == pytest.approx(float(torch.logsumexp(logits[1], 0) - 3.0))
+
+
+def test_nan_in_an_ignored_row_is_not_looked_at():
+    logits = torch.tensor([[float("nan"), 0.0], [1.0, 2.0]])
+    loss = cggr_fn.selective_loss(logits, torch.tensor([-100, 1]), torch.tensor([False, True]))
+    assert math.isfinite(float(loss))
+
+
 def test_out_of_range_target_gives_nan_loss():
     loss = cggr_fn.selective_loss(torch.randn(2, 4), torch.tensor([0, 9]), torch.tensor([True, False]))
     assert math.isnan(float(loss))

@@ -108,13 +108,18 @@ def test_sequence_scores_and_hardest_sequences() -> None:
 
 def test_take_sequences() -> None:
     ids = torch.arange(12).reshape(4, 3)
-    out = take_sequences({"input_ids": ids, "position_ids": torch.arange(3)[None], "flag": True}, torch.tensor([3, 1]))
+    batch = {"input_ids": ids, "position_ids": torch.arange(3)[None], "flag": True}
+    out = take_sequences(batch, torch.tensor([3, 1]), batch_size=4)
     assert out["input_ids"].tolist() == [[9, 10, 11], [3, 4, 5]]
     assert out["position_ids"].tolist() == [[0, 1, 2]] and out["flag"] is True
+    # A non-batch tensor longer than the batch is not mistaken for the batch axis.
+    pair = {"input_ids": ids[:2], "cache_position": torch.arange(3)}
+    out = take_sequences(pair, torch.tensor([1]), batch_size=2)
+    assert out["input_ids"].tolist() == [[3, 4, 5]] and out["cache_position"].tolist() == [0, 1, 2]
     with pytest.raises(TypeError, match="indices: expected a 1-d int64 tensor"):
-        take_sequences({"input_ids": ids}, torch.tensor([1.0]))
+        take_sequences({"input_ids": ids}, torch.tensor([1.0]), batch_size=4)
     with pytest.raises(TypeError, match="batch: expected a mapping"):
-        take_sequences([ids], torch.tensor([1]))  # type: ignore[arg-type]
+        take_sequences([ids], torch.tensor([1]), batch_size=4)  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- losses

@@ -10,8 +10,8 @@ Why the block has the shape ``(K, LANES, VEC)``: on a GPU each thread owns one
 lane and loads ``K`` vectors of ``VEC`` contiguous elements (16 bytes) per
 block, the warp's loads of one ``k`` being contiguous (coalesced). Every lane
 keeps its *own* online softmax (maximum, sums) and top-2, so the loop has no
-cross-thread reduction, shuffle or barrier at all: the bf16 loop body is about
-12 SASS instructions per element (sm_90), well under the ~19 instruction slots
+cross-thread reduction, shuffle or barrier at all: the bf16 loop body is about a
+dozen SASS instructions per element (sm_90), under the ~19 instruction slots
 per element that an H100 has at full memory bandwidth. Lanes are merged once,
 at the end of the row.
 
@@ -39,38 +39,46 @@ _NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit
-def _fold_block(x, m1v, m2v, m_l, sh_l, s_l, t_l):
+def _finite_exponent(delta):
+    """A rescaling exponent kept finite: the difference of two finite logits
+    beyond +-1.7e38 overflows to -inf, and -inf * 0 sums would be NaN; any
+    exponent below -1e30 already scales to exactly 0."""
+    return tl.maximum(delta, -1.0e30)
+
+
+@triton.jit
+def _fold_block(x, m1v, m2v, m_l, s_l, t_l):
     """Fold one block ``x`` (fp32, shape (K, LANES, VEC), padding -inf) into the state.
 
     State: ``m1v``/``m2v`` the elementwise largest and second-largest values
     seen (duplicates kept, so ties survive), shape (K, LANES, VEC); per lane
-    (shape (LANES,)) the running maximum ``m_l``, the shift ``sh_l`` (``m_l *
-    log2(e)``, or 0 while ``m_l`` is -inf) and the sums ``s_l`` of
-    ``e = 2**d2`` and ``t_l`` of ``e * d2``, ``d2 = x * log2(e) - sh_l``.
+    (shape (LANES,)) the running maximum ``m_l`` and the sums ``s_l`` of
+    ``e = 2**d2`` and ``t_l`` of ``e * d2``, ``d2 = (x - m_l) * log2(e)``.
     """
     m2v = tl.maximum(m2v, tl.minimum(m1v, x))
     m1v = tl.maximum(m1v, x)
     m_new = tl.maximum(m_l, tl.max(tl.max(x, axis=2), axis=0))
-    # While a lane has seen only -inf there is nothing to shift by: shift by 0
-    # so -inf entries give exp2(-inf) = 0 rather than exp2(-inf + inf) = NaN.
-    sh_new = tl.where(m_new == _NEG_INF, 0.0, m_new) * _LOG2E
-    # The rescaling exponent is a difference of stored shifts, exactly 0 when
-    # the maximum did not move. (Recomputing it as m_l * log2(e) - sh_new would
-    # be contracted into an FMA whose rounding residual compounds block after
-    # block: 1e-4 relative drift over a 262144-entry row.) A lane's sums are 0
-    # while its maximum is -inf, so any finite scale is right there; 1 avoids
-    # exp2 overflow when the first finite maximum is very negative.
+    # Exponents are differences taken *before* scaling by log2(e): the
+    # maximum's own d2 is then exactly 0 (its e exactly 1), and the shift
+    # cannot be contracted with the scaling into an FMA whose rounding
+    # residual (about an ulp of |x| * log2(e)) would push the confidence of a
+    # large-magnitude row above 1 or compound across blocks. While a lane has
+    # seen only -inf there is nothing to shift by: shift by 0 so -inf entries
+    # give exp2(-inf) = 0 rather than NaN. A lane's sums are 0 while its
+    # maximum is -inf, so any finite scale is right there; 1 avoids exp2
+    # overflow when the first finite maximum is very negative.
     old_is_empty = m_l == _NEG_INF
-    delta = tl.where(old_is_empty, 0.0, sh_l - sh_new)
+    delta = tl.where(old_is_empty, 0.0, _finite_exponent((m_l - m_new) * _LOG2E))
     scale = tl.where(old_is_empty, 1.0, tl.exp2(delta))
-    d2 = x * _LOG2E - sh_new[None, :, None]
+    base = tl.where(m_new == _NEG_INF, 0.0, m_new)
+    d2 = (x - base[None, :, None]) * _LOG2E
     e = tl.exp2(d2)
     # A -inf logit has e = 0 and contributes nothing; clamping d2 avoids the
     # NaN of 0 * -inf. A NaN logit still poisons the sums through e.
     ed = e * tl.maximum(d2, -1.0e30)
     t_l = scale * (t_l + delta * s_l) + tl.sum(tl.sum(ed, axis=2), axis=0)
     s_l = scale * s_l + tl.sum(tl.sum(e, axis=2), axis=0)
-    return m1v, m2v, m_new, sh_new, s_l, t_l
+    return m1v, m2v, m_new, s_l, t_l
 
 
 @triton.jit
@@ -106,7 +114,6 @@ def token_stats_kernel(
     m1v = tl.full((K, LANES, VEC), _NEG_INF, tl.float32)
     m2v = tl.full((K, LANES, VEC), _NEG_INF, tl.float32)
     m_l = tl.full((LANES,), _NEG_INF, tl.float32)
-    sh_l = tl.zeros((LANES,), tl.float32)
     s_l = tl.zeros((LANES,), tl.float32)
     t_l = tl.zeros((LANES,), tl.float32)
 
@@ -120,22 +127,21 @@ def token_stats_kernel(
         for b in range(0, n_full):
             x = nxt.to(tl.float32)
             nxt = tl.load(row_ptr + (b + 1) * BLOCK + offs, mask=b + 1 < n_full)
-            m1v, m2v, m_l, sh_l, s_l, t_l = _fold_block(x, m1v, m2v, m_l, sh_l, s_l, t_l)
+            m1v, m2v, m_l, s_l, t_l = _fold_block(x, m1v, m2v, m_l, s_l, t_l)
     else:
         for b in range(0, n_full):
             x = tl.load(row_ptr + b * BLOCK + offs).to(tl.float32)
-            m1v, m2v, m_l, sh_l, s_l, t_l = _fold_block(x, m1v, m2v, m_l, sh_l, s_l, t_l)
+            m1v, m2v, m_l, s_l, t_l = _fold_block(x, m1v, m2v, m_l, s_l, t_l)
     tail = n_full * BLOCK
     if tail < vocab:
         cols = tail + offs
         x = tl.load(row_ptr + cols, mask=cols < vocab, other=_NEG_INF).to(tl.float32)
-        m1v, m2v, m_l, sh_l, s_l, t_l = _fold_block(x, m1v, m2v, m_l, sh_l, s_l, t_l)
+        m1v, m2v, m_l, s_l, t_l = _fold_block(x, m1v, m2v, m_l, s_l, t_l)
 
     # Merge the lanes' online softmaxes into one, relative to the row maximum.
     m = tl.max(m_l, axis=0)
-    shift = tl.where(m == _NEG_INF, 0.0, m) * _LOG2E
     lane_is_empty = m_l == _NEG_INF
-    delta = tl.where(lane_is_empty, 0.0, sh_l - shift)
+    delta = tl.where(lane_is_empty, 0.0, _finite_exponent((m_l - m) * _LOG2E))
     # Empty lanes hold s = t = 0; weight 0 keeps them out without 0 * NaN.
     weight = tl.where(lane_is_empty, 0.0, tl.exp2(delta))
     s = tl.sum(weight * s_l, axis=0)
@@ -164,7 +170,7 @@ def token_stats_kernel(
     near = gap > -0.0009765625
     one_minus = tl.where(near, 0.0 - gap * (1.0 + gap * (0.5 + gap * 0.16666666666666666)), 1.0 - tl.exp2(gap * _LOG2E))
     margin = tl.where(empty, nan, one_minus / s)
-    lse = tl.where(empty, nan, _LN2 * (shift + log2_s))
+    lse = tl.where(empty, nan, m + _LN2 * log2_s)
 
     tl.store(entropy_ptr + row, entropy)
     tl.store(confidence_ptr + row, confidence)
@@ -228,10 +234,11 @@ def choose_config(vocab: int, dtype: torch.dtype) -> LaunchConfig:
         # keep it fast and make ordinary test rows span several blocks.
         return LaunchConfig(num_warps=1, k=2, lanes=4, vec=4)
     vec = 16 // torch.empty((), dtype=dtype).element_size()
-    # Measured on an H100 (benchmarks/results/token_stats.json, "sweep"): 2
-    # vectors per lane with prefetching, and for 16-bit logits 2 warps (more
-    # resident rows per SM hide each row's first-load latency on short rows).
-    num_warps, k = (2 if vec == 8 else 4), 2
+    # Measured on an H100 (benchmarks/results/token_stats.json, "sweep"), with
+    # prefetching: 16-bit logits 4 warps of 1 vector per lane (fewest registers,
+    # so more resident rows per SM hide each short row's first-load latency),
+    # fp32 4 warps of 2 vectors per lane.
+    num_warps, k = 4, (1 if vec == 8 else 2)
     # Short rows: shrink the block towards the row so few lanes idle.
     target = triton.next_power_of_2(vocab)
     while k * 32 * num_warps * vec > target and k > 1:

@@ -168,16 +168,17 @@ def hardest_sequences(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     return order[:k].sort().values
 
 
-def take_sequences(batch: Mapping[str, Any], indices: torch.Tensor) -> dict[str, Any]:
+def take_sequences(batch: Mapping[str, Any], indices: torch.Tensor, *, batch_size: int) -> dict[str, Any]:
     """Rows ``indices`` of every batch-sized tensor in ``batch`` (other values pass unchanged).
 
-    A tensor is batch-sized when its first dim equals that of the largest
-    first dim in ``batch`` (so a broadcast ``position_ids`` of shape
-    ``(1, seq)`` passes unchanged). Static shapes; no host sync.
+    A tensor is batch-sized when its first dim is ``batch_size`` (so a
+    broadcast ``position_ids`` of shape ``(1, seq)`` or a ``cache_position``
+    of shape ``(seq,)`` passes unchanged). Static shapes; no host sync.
 
     Args:
       batch: keyword arguments of a model call, e.g. ``input_ids``, ``labels``, ``attention_mask``.
       indices: int64 ``(k,)`` indices, e.g. from :func:`hardest_sequences`.
+      batch_size: the batch dimension's size, e.g. ``input_ids.shape[0]``.
 
     Returns:
       A new dict with the same keys.
@@ -185,18 +186,17 @@ def take_sequences(batch: Mapping[str, Any], indices: torch.Tensor) -> dict[str,
     Example:
       >>> import torch
       >>> from cggr_fn.models import take_sequences
-      >>> take_sequences({"input_ids": torch.arange(6).reshape(3, 2), "use_cache": False}, torch.tensor([2]))
+      >>> take_sequences({"input_ids": torch.arange(6).reshape(3, 2), "use_cache": False}, torch.tensor([2]), batch_size=3)
       {'input_ids': tensor([[4, 5]]), 'use_cache': False}
     """
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch: expected a mapping of model keyword arguments, got {type(batch).__name__}")
     if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype != torch.int64:
         raise TypeError(f"indices: expected a 1-d int64 tensor, got {getattr(indices, 'dtype', type(indices).__name__)}")
-    sizes = [v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
-    size = max(sizes, default=0)
+    _checks.check_int(batch_size, "batch_size", minimum=0)
     return {
         key: value.index_select(0, indices.to(value.device))
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == size
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size
         else value
         for key, value in batch.items()
     }
@@ -263,7 +263,9 @@ def hardest_sequence_loss(
         logits, labels, attention_mask=model_kwargs.get("attention_mask"), causal=causal, method=method,
         ignore_index=ignore_index,
     )
-    subset = take_sequences({"input_ids": input_ids, "labels": labels, **model_kwargs}, hardest_sequences(scores, ratio))
+    subset = take_sequences(
+        {"input_ids": input_ids, "labels": labels, **model_kwargs}, hardest_sequences(scores, ratio), batch_size=input_ids.shape[0]
+    )
     subset_labels = subset.pop("labels")
     out = functional_call(model, params, (), {**default_kwargs(model), **subset})
     return lm_loss(
