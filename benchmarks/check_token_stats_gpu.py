@@ -225,6 +225,8 @@ def main():
     base = make(4 * 512 if not tiny else 8, 32768 if not tiny else 256, torch.bfloat16, gen=gen).view(4, -1, 32768 if not tiny else 256)
     view3 = base[..., : (32000 if not tiny else 200)]
     compare("(B, T, V) slice", view3, None)
+    shifted = base[:, :-1]  # a causal LM's shifted logits: (batch, seq) strides that do not collapse
+    compare("(B, T-1, V) shifted view, in place", shifted, targets_for(shifted.shape[0] * shifted.shape[1], shifted.shape[2], gen).view(shifted.shape[:2]))
     compare("transposed (copies)", big[:64, :4096].t() if not tiny else big[:, :16].t(), None)
 
     # 5. Non-finite rows.

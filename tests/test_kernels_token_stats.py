@@ -123,7 +123,7 @@ def test_non_contiguous_rows_are_read_in_place(monkeypatch):
     monkeypatch.setattr(kernel, "launch", spy)
     targets = make_targets(5, 37)
     got = fused_token_stats(view, targets, -100)
-    assert seen[0].data_ptr() == view.data_ptr() and seen[0].stride() == (50, 1)
+    assert seen[0].data_ptr() == view.data_ptr() and seen[0].stride()[-2:] == (50, 1)
     assert_same_stats(got, token_stats_reference(view, targets, -100))
 
 
@@ -131,10 +131,30 @@ def test_batched_slice_and_transposed_inputs():
     base = torch.randn(2, 3, 29, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     sliced = base[..., :21]  # (2, 3, 21) rows with one row stride
     assert_same_stats(fused_token_stats(sliced, None, -100), token_stats_reference(sliced, None, -100))
-    transposed = base.transpose(-1, -2)  # vocab stride != 1: the one case that copies
+    transposed = base.transpose(-1, -2)  # vocab stride != 1: copied
     assert_same_stats(fused_token_stats(transposed, None, -100), token_stats_reference(transposed, None, -100))
-    rows_strided = base[:, ::2, :]  # leading dims that do not collapse: reshape copies
-    assert_same_stats(fused_token_stats(rows_strided, None, -100), token_stats_reference(rows_strided, None, -100))
+    deep = torch.randn(2, 3, 4, 17, generator=torch.Generator().manual_seed(6)).to(DEVICE)[:, :, 1:]
+    assert_same_stats(fused_token_stats(deep, None, -100), token_stats_reference(deep, None, -100))
+
+
+@pytest.mark.parametrize("index", [(slice(None), slice(None, -1)), (slice(None), slice(None, None, 2)), (slice(1, None), slice(2, None))], ids=str)
+def test_batch_seq_views_are_read_in_place(monkeypatch, index):
+    """(batch, seq, vocab) views whose (batch, seq) strides do not collapse, like
+    the shifted logits[:, :-1] of a causal LM, reach the kernel without a copy."""
+    base = torch.randn(3, 7, 29, generator=torch.Generator().manual_seed(5)).to(DEVICE)
+    view = base[index]
+    seen = []
+    real_launch = kernel.launch
+
+    def spy(rows, *args, **kwargs):
+        seen.append(rows)
+        return real_launch(rows, *args, **kwargs)
+
+    monkeypatch.setattr(kernel, "launch", spy)
+    targets = torch.randint(0, 29, base.shape[:-1], generator=torch.Generator().manual_seed(1)).to(DEVICE)[index]
+    got = fused_token_stats(view, targets, -100)
+    assert seen[0].data_ptr() == view.data_ptr() and seen[0].stride() == view.stride()
+    assert_same_stats(got, token_stats_reference(view, targets, -100))
 
 
 def test_leading_shapes():

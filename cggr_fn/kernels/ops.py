@@ -35,13 +35,13 @@ def token_stats_op(logits: torch.Tensor, targets: torch.Tensor | None, ignore_in
     vocab = logits.shape[-1]
     lead = logits.shape[:-1]
     if logits.stride(-1) != 1:
-        # The kernel needs unit stride along the vocabulary; this is the only
-        # case in which the logits are copied.
+        # The kernel needs unit stride along the vocabulary.
         logits = logits.contiguous()
-    # A view whenever the leading dims collapse to one row stride (contiguous
-    # tensors, ``big[..., :vocab]`` slices); otherwise reshape copies.
-    rows = logits.reshape(-1, vocab)
-    n = rows.shape[0]
+    # The kernel addresses rows in two levels (outer, inner), so a (batch, seq,
+    # vocab) view with any strides, e.g. logits[:, :-1], is read in place; only
+    # further leading dims that do not collapse into one make reshape copy.
+    rows = logits.reshape(1, -1, vocab) if logits.dim() <= 2 else logits.reshape(-1, *logits.shape[-2:])
+    n = rows.shape[0] * rows.shape[1]
     outputs = tuple(torch.empty(n, device=logits.device, dtype=torch.float32) for _ in range(5))
     flat_targets = None if targets is None else targets.reshape(-1)
     _kernel.launch(rows, flat_targets, ignore_index, outputs)
@@ -80,7 +80,8 @@ def fused_token_stats(logits: torch.Tensor, targets: torch.Tensor | None, ignore
 
     Args:
       logits: floating ``(..., vocab)`` tensor; the last dim is read in place
-        when it has stride 1 and the leading dims collapse to one row stride.
+        when it has stride 1, whatever the strides of a (batch, seq) pair of
+        leading dims (``logits[:, :-1]`` is not copied).
       targets: integer tensor of shape ``logits.shape[:-1]``, or None (nll is
         then NaN).
       ignore_index: target value that marks a position without a label (nll 0).

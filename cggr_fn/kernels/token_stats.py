@@ -91,20 +91,33 @@ def token_stats_kernel(
     lse_ptr,
     nll_ptr,
     vocab,
+    inner,
+    outer_stride,
     row_stride,
     tgt_stride,
     ignore_index,
     HAS_TARGETS: tl.constexpr,
+    TWO_LEVEL: tl.constexpr,
     K: tl.constexpr,
     LANES: tl.constexpr,
     VEC: tl.constexpr,
     PREFETCH: tl.constexpr,
 ):
-    """One program per row: read the row once, write its five statistics."""
+    """One program per row: read the row once, write its five statistics.
+
+    With ``TWO_LEVEL``, rows are addressed as ``row = outer * inner + i`` at
+    ``outer * outer_stride + i * row_stride``, so a ``(batch, seq, vocab)``
+    view such as ``logits[:, :-1]`` is read in place; rows with one stride
+    skip that arithmetic.
+    """
     BLOCK: tl.constexpr = K * LANES * VEC
     row = tl.program_id(0)
-    # int64: rows * row_stride exceeds 2**31 elements on large batches.
-    row_ptr = x_ptr + row.to(tl.int64) * row_stride
+    # int64: row offsets exceed 2**31 elements on large batches.
+    if TWO_LEVEL:
+        outer = row // inner
+        row_ptr = x_ptr + outer.to(tl.int64) * outer_stride + (row - outer * inner).to(tl.int64) * row_stride
+    else:
+        row_ptr = x_ptr + row.to(tl.int64) * row_stride
     offs = (
         tl.arange(0, K)[:, None, None] * (LANES * VEC)
         + tl.arange(0, LANES)[None, :, None] * VEC
@@ -257,10 +270,11 @@ def launch(
     outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     config: LaunchConfig | None = None,
 ):
-    """Run the kernel on a 2-D ``(n, vocab)`` view whose last dim has stride 1.
+    """Run the kernel on a ``(n, vocab)`` or ``(outer, inner, vocab)`` view whose last dim has stride 1.
 
     Args:
-      rows: logits, ``(n, vocab)``, ``rows.stride(1) == 1``, any row stride.
+      rows: logits, 2-D or 3-D with ``stride(-1) == 1`` and any other strides;
+        the ``n = outer * inner`` rows are taken in row-major order.
       targets: ``(n,)`` integer tensor (any stride) or None.
       ignore_index: target value meaning "no label".
       outputs: five float32 ``(n,)`` contiguous tensors written in place:
@@ -271,7 +285,12 @@ def launch(
       The launched Triton kernel handle (register and spill counts for
       benchmarks), or None when nothing was launched.
     """
-    n, vocab = rows.shape
+    if rows.dim() == 3 and rows.stride(0) == rows.shape[1] * rows.stride(1):
+        rows = rows.flatten(0, 1)  # one row stride after all: a view
+    if rows.dim() == 2:
+        rows = rows.unsqueeze(0)
+    outer, inner, vocab = rows.shape
+    n = outer * inner
     if n == 0:
         return None
     if config is None:
@@ -289,10 +308,13 @@ def launch(
         lse,
         nll,
         int(vocab),
+        int(inner),
         int(rows.stride(0)),
+        int(rows.stride(1)),
         int(tgt.stride(0)) if has_targets else 0,
         int(ignore_index),
         HAS_TARGETS=has_targets,
+        TWO_LEVEL=outer > 1,
         K=config.k,
         LANES=config.lanes,
         VEC=config.vec,
