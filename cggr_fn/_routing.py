@@ -162,11 +162,11 @@ def route_depth(
     if not layers or not all(callable(layer) for layer in layers):
         raise TypeError("layers: expected a non-empty sequence of callables")
     input_mask, *output_masks = depth_masks(depth, len(layers))
-    gate_input = route_grad(_identity, input_mask, leak=leak)
+    _checks.check_fraction(leak, "leak")
     routed_layers = [route_grad(layer, mask, leak=leak) for layer, mask in zip(layers, output_masks)]
 
     def stack(hidden: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        hidden = gate_input(hidden)
+        hidden = gate(hidden, input_mask, leak)
         for layer in routed_layers:
             hidden = layer(hidden, *args, **kwargs)
         return hidden
@@ -174,5 +174,10 @@ def route_depth(
     return stack
 
 
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
+def gate(hidden: torch.Tensor, mask: torch.Tensor, leak: float) -> torch.Tensor:
+    """``hidden`` unchanged, with its gradient gated by rows (``route_grad`` of the identity).
+
+    The one gate that :func:`route_depth` and the model adapters put at a
+    stack's input and between layers; arguments are validated by the caller.
+    """
+    return _route_leaf(hidden, mask, float(leak))

@@ -110,9 +110,9 @@ def test_bf16_ties_match_reference_exactly_on_margin():
     assert_same_stats(got, want)
 
 
-def test_non_contiguous_rows_are_read_in_place(monkeypatch):
-    big = torch.randn(6, 50, generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    view = big[1:, 3:40]  # row stride 50, last-dim stride 1
+@pytest.fixture
+def launched_rows(monkeypatch):
+    """The logits views that reach the kernel launcher, in order."""
     seen = []
     real_launch = kernel.launch
 
@@ -121,9 +121,15 @@ def test_non_contiguous_rows_are_read_in_place(monkeypatch):
         return real_launch(rows, *args, **kwargs)
 
     monkeypatch.setattr(kernel, "launch", spy)
+    return seen
+
+
+def test_non_contiguous_rows_are_read_in_place(launched_rows):
+    big = torch.randn(6, 50, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    view = big[1:, 3:40]  # row stride 50, last-dim stride 1
     targets = make_targets(5, 37)
     got = fused_token_stats(view, targets, -100)
-    assert seen[0].data_ptr() == view.data_ptr() and seen[0].stride()[-2:] == (50, 1)
+    assert launched_rows[0].data_ptr() == view.data_ptr() and launched_rows[0].stride()[-2:] == (50, 1)
     assert_same_stats(got, token_stats_reference(view, targets, -100))
 
 
@@ -138,22 +144,14 @@ def test_batched_slice_and_transposed_inputs():
 
 
 @pytest.mark.parametrize("index", [(slice(None), slice(None, -1)), (slice(None), slice(None, None, 2)), (slice(1, None), slice(2, None))], ids=str)
-def test_batch_seq_views_are_read_in_place(monkeypatch, index):
+def test_batch_seq_views_are_read_in_place(launched_rows, index):
     """(batch, seq, vocab) views whose (batch, seq) strides do not collapse, like
     the shifted logits[:, :-1] of a causal LM, reach the kernel without a copy."""
     base = torch.randn(3, 7, 29, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     view = base[index]
-    seen = []
-    real_launch = kernel.launch
-
-    def spy(rows, *args, **kwargs):
-        seen.append(rows)
-        return real_launch(rows, *args, **kwargs)
-
-    monkeypatch.setattr(kernel, "launch", spy)
     targets = torch.randint(0, 29, base.shape[:-1], generator=torch.Generator().manual_seed(1)).to(DEVICE)[index]
     got = fused_token_stats(view, targets, -100)
-    assert seen[0].data_ptr() == view.data_ptr() and seen[0].stride() == view.stride()
+    assert launched_rows[0].data_ptr() == view.data_ptr() and launched_rows[0].stride() == view.stride()
     assert_same_stats(got, token_stats_reference(view, targets, -100))
 
 

@@ -10,7 +10,7 @@ from torch import nn
 from torch.func import functional_call
 
 from cggr_fn import _checks
-from cggr_fn._routing import depth_masks, route_grad
+from cggr_fn._routing import depth_masks, gate
 from cggr_fn.models._common import check_model, default_kwargs, select_tensors, tensor_names
 from cggr_fn.models._detect import ModelParts, resolve_parts
 from cggr_fn.models._view import path_view, shallow_module_copy
@@ -30,22 +30,14 @@ class _Gates:
         self.leak = leak
 
 
-def _gate(hidden: torch.Tensor, mask: torch.Tensor, leak: float) -> torch.Tensor:
-    return route_grad(_identity, mask, leak=leak)(hidden)
-
-
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
 def _input_hook(gates: _Gates) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], Any]:
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if gates.masks is None:
             return None
         if args:
-            return (_gate(args[0], gates.masks[0], gates.leak), *args[1:]), kwargs
+            return (gate(args[0], gates.masks[0], gates.leak), *args[1:]), kwargs
         if "hidden_states" in kwargs:
-            return args, {**kwargs, "hidden_states": _gate(kwargs["hidden_states"], gates.masks[0], gates.leak)}
+            return args, {**kwargs, "hidden_states": gate(kwargs["hidden_states"], gates.masks[0], gates.leak)}
         raise TypeError(
             f"model: the first layer ({type(module).__name__}) was called without a positional hidden state "
             "or a hidden_states= keyword; cannot gate the stack's input"
@@ -62,9 +54,9 @@ def _output_hook(gates: _Gates, point: int) -> Callable[[nn.Module, tuple[Any, .
         # Decoder layers return the hidden state, or a tuple whose first element
         # it is (attention weights, caches follow); only the hidden state is gated.
         if isinstance(output, torch.Tensor):
-            return _gate(output, mask, gates.leak)
+            return gate(output, mask, gates.leak)
         if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-            return (_gate(output[0], mask, gates.leak), *output[1:])
+            return (gate(output[0], mask, gates.leak), *output[1:])
         raise TypeError(
             f"model: layer {point - 1} ({type(module).__name__}) returned a {type(output).__name__}; "
             "expected the hidden state or a tuple starting with it"
