@@ -44,8 +44,8 @@ def cggr_step(logits, targets, step, blocks, hidden):
     ratio = cggr_fn.ratio_schedule(step, warmup_steps=100, final_ratio=0.25)
     ratio = cggr_fn.dynamic_ratio(ratio, cggr_fn.token_stats(logits).confidence)
     buckets = cggr_fn.bucket(scores, step, num_buckets=4, warmup_steps=100)
-    depth = cggr_fn.bucket_depth(buckets, num_layers=len(blocks))
-    mask = cggr_fn.select(scores, ratio, strategy="stratified", seed=step)
+    depth = cggr_fn.bucket_depth(scores, step, num_layers=len(blocks), warmup_steps=100)
+    mask = cggr_fn.select(scores, ratio=ratio, strategy="stratified", seed=step)
     out = cggr_fn.route_depth(blocks, depth)(hidden)
     loss = cggr_fn.selective_loss(out @ hidden.new_ones(hidden.shape[-1], logits.shape[-1]), targets, mask)
     return loss, buckets, mask
@@ -76,13 +76,13 @@ def main() -> int:
             check(f"ratio_schedule + dynamic_ratio ({name})", lambda s=step: cggr_fn.dynamic_ratio(
                 cggr_fn.ratio_schedule(s, warmup_steps=100, final_ratio=0.25), confidence))
             check(f"bucket + bucket_depth ({name})", lambda s=step: cggr_fn.bucket_depth(
-                cggr_fn.bucket(scores, s, warmup_steps=100), num_layers=4))
+                scores, s, num_layers=4, warmup_steps=100))
             check(f"bucket_sizes ({name})", lambda s=step: cggr_fn.bucket_sizes(scores.numel(), s, warmup_steps=100))
             for strategy in ("topk", "stratified", "sequence_aware"):
                 check(f"select {strategy}, float ratio ({name} seed)", lambda s=step, st=strategy: cggr_fn.select(
-                    scores, 0.3, strategy=st, seed=s))
+                    scores, ratio=0.3, strategy=st, seed=s))
                 check(f"select {strategy}, tensor ratio ({name} seed)", lambda s=step, st=strategy: cggr_fn.select(
-                    scores, cggr_fn.dynamic_ratio(0.3, confidence), strategy=st, seed=s))
+                    scores, ratio=cggr_fn.dynamic_ratio(0.3, confidence), strategy=st, seed=s))
             check(f"route_depth + selective_loss forward and backward ({name})",
                   lambda s=step: cggr_step(logits, targets, s, blocks, hidden)[0].backward())
         check("dynamic_ratio with a Python ratio", lambda: cggr_fn.dynamic_ratio(0.5, confidence))

@@ -26,7 +26,8 @@ def bucket_sizes(num_tokens: int, step: Step, *, num_buckets: int = 4, warmup_st
       warmup_steps: steps until the final partition, >= 0.
 
     Returns:
-      A list of ``num_buckets`` ints for an int step, else an int64 tensor.
+      A list of ``num_buckets`` ints for an int step, else an int64 tensor
+      (int64 whatever the step's integer dtype).
 
     Example:
       >>> import cggr_fn
@@ -49,8 +50,10 @@ def _bucket_starts(num_tokens: int, step: Step, num_buckets: int, warmup_steps: 
     _checks.check_int(num_tokens, "num_tokens", minimum=0)
     _checks.check_int(num_buckets, "num_buckets", minimum=1)
     done, total = warmup_progress(step, warmup_steps)
-    base, extra = divmod(num_tokens, num_buckets)
-    finals = [b * base + min(b, extra) for b in range(1, num_buckets)]
+    # // and % rather than divmod, sym_min rather than min: under dynamic
+    # shapes num_tokens is a SymInt, which divmod rejects and min would guard on.
+    base, extra = num_tokens // num_buckets, num_tokens % num_buckets
+    finals = [b * base + torch.sym_min(b, extra) for b in range(1, num_buckets)]
     return [done * 0] + [num_tokens - (num_tokens - final) * done // total for final in finals]
 
 
@@ -91,33 +94,37 @@ def bucket(scores: torch.Tensor, step: Step, *, num_buckets: int = 4, warmup_ste
     return buckets.reshape(scores.shape)
 
 
-def bucket_depth(buckets: torch.Tensor, *, num_layers: int, num_buckets: int = 4) -> torch.Tensor:
+def bucket_depth(
+    scores: torch.Tensor, step: Step, *, num_layers: int, num_buckets: int = 4, warmup_steps: int = 1000
+) -> torch.Tensor:
     """Gradient depth of every token: how many of the top layers it trains.
 
-    Bucket ``b`` of ``B`` trains the top ``ceil(num_layers * (B - b) / B)``
-    layers: for 4 buckets 100/75/50/25% of the layers. Rounding up means every
-    bucket trains at least one layer, and the hardest bucket all of them.
-    With 6 layers and 4 buckets the depths are 6, 5, 3, 2.
+    :func:`bucket` followed by the bucket-to-depth map, so the two always use
+    the same ``num_buckets``. Bucket ``b`` of ``B`` trains the top
+    ``ceil(num_layers * (B - b) / B)`` layers: for 4 buckets 100/75/50/25% of
+    the layers. Rounding up means every bucket trains at least one layer, and
+    the hardest bucket all of them. With 6 layers and 4 buckets the depths
+    are 6, 5, 3, 2. On-device; no host sync.
 
     Args:
-      buckets: integer tensor of buckets in ``[0, num_buckets)``.
+      scores: floating tensor of difficulties, any shape (as for :func:`bucket`).
+      step: curriculum step, a Python int or a 0-d integer tensor.
       num_layers: number of layers in the stack, >= 1.
       num_buckets: number of buckets, >= 1.
+      warmup_steps: steps of linear curriculum, >= 0.
 
     Returns:
-      An int64 tensor of ``buckets.shape`` with values in ``[1, num_layers]``.
+      An int64 tensor of ``scores.shape`` with values in ``[1, num_layers]``.
 
     Example:
       >>> import torch, cggr_fn
-      >>> cggr_fn.bucket_depth(torch.arange(4), num_layers=6)
+      >>> scores = torch.tensor([0.9, 0.7, 0.5, 0.3])
+      >>> cggr_fn.bucket_depth(scores, step=10, num_layers=6, warmup_steps=10)
       tensor([6, 5, 3, 2])
+      >>> cggr_fn.bucket_depth(scores, step=0, num_layers=6, warmup_steps=10)
+      tensor([6, 6, 6, 6])
     """
-    if not isinstance(buckets, torch.Tensor) or buckets.dtype.is_floating_point or buckets.dtype == torch.bool:
-        raise TypeError(f"buckets: expected an integer tensor, got {getattr(buckets, 'dtype', type(buckets).__name__)}")
     _checks.check_int(num_layers, "num_layers", minimum=1)
-    _checks.check_int(num_buckets, "num_buckets", minimum=1)
-    if _checks.value_checks_enabled() and buckets.numel() > 0:
-        if bool((buckets < 0).any() | (buckets >= num_buckets).any()):  # sync-ok: checking mode only
-            raise ValueError(f"buckets: expected values in [0, {num_buckets}), got [{int(buckets.min())}, {int(buckets.max())}]")  # sync-ok
-    share = num_buckets - buckets.long()
+    buckets = bucket(scores, step, num_buckets=num_buckets, warmup_steps=warmup_steps)
+    share = num_buckets - buckets
     return (num_layers * share + num_buckets - 1) // num_buckets

@@ -9,13 +9,16 @@ eager mode; the hot path never synchronises.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import numbers
 from collections.abc import Iterator
 
 import torch
 
-_checking_enabled = False
+# Context-local, so a thread or asyncio task that enters checking() never turns
+# checks on (or off) for another one running at the same time.
+_checking_enabled: contextvars.ContextVar[bool] = contextvars.ContextVar("cggr_fn_checking", default=False)
 
 
 @contextlib.contextmanager
@@ -29,8 +32,12 @@ def checking(enabled: bool = True) -> Iterator[None]:
     the device: out-of-range targets then give a NaN ``nll`` and NaN logits
     surface as NaN scores (selected first) and a NaN loss.
 
-    Checking mode is for eager debugging: a function called inside it under
-    ``torch.compile`` raises ``RuntimeError`` instead of breaking the graph.
+    Checking mode is for eager debugging: a function traced by
+    ``torch.compile`` inside it raises ``RuntimeError`` instead of breaking the
+    graph (the mode is read at trace time: a graph compiled outside the block
+    and reused inside it runs without the checks). The mode is context-local
+    (a :mod:`contextvars` variable): it applies to the current thread or
+    asyncio task only, and threads started inside the block do not inherit it.
 
     Args:
       enabled: whether checks run inside the block.
@@ -44,17 +51,21 @@ def checking(enabled: bool = True) -> Iterator[None]:
       ...
       ValueError: targets: expected values in [0, 3) or ignore_index=-100, got values in [0, 7]
     """
-    global _checking_enabled
-    previous = _checking_enabled
-    _checking_enabled = enabled
+    token = _checking_enabled.set(bool(enabled))
     try:
         yield
     finally:
-        _checking_enabled = previous
+        _checking_enabled.reset(token)
+
+
+@torch.compiler.assume_constant_result
+def _checking_requested() -> bool:
+    # Dynamo cannot trace ContextVar.get; as a constant it reads the mode once per trace.
+    return _checking_enabled.get()
 
 
 def value_checks_enabled() -> bool:
-    if not _checking_enabled:
+    if not _checking_requested():
         return False
     if torch.compiler.is_compiling():
         raise RuntimeError(
@@ -103,11 +114,26 @@ def check_targets(targets: object, logits: torch.Tensor, ignore_index: int, name
             )
 
 
+def shown(value: object) -> object:
+    """``value`` for an error message.
+
+    Dynamo cannot format a traced (symbolic) scalar, and inside a trace it
+    cannot be told from a constant one, so under compile the message names it
+    without its value instead of breaking on the f-string.
+    """
+    if torch.compiler.is_compiling():
+        return "a value traced by torch.compile (call eagerly to see it)"
+    return value
+
+
 def check_int(value: object, name: str, *, minimum: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    """A Python int (a ``SymInt`` under ``torch.compile`` with dynamic shapes counts as one)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    # A symbolic value's range check becomes a guard: a value that fails it
+    # recompiles and raises while tracing, with eager's message.
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {shown(value)}")
 
 
 def check_step(step: object, name: str = "step") -> None:
@@ -119,6 +145,15 @@ def check_step(step: object, name: str = "step") -> None:
             raise ValueError(f"{name}: expected a step >= 0, got {int(step)}")  # sync-ok
         return
     check_int(step, name, minimum=0)
+
+
+def check_seed(seed: object, name: str = "seed") -> None:
+    """A hash seed: any Python int or a 0-d integer tensor (never a float: it would be truncated)."""
+    if isinstance(seed, torch.Tensor):
+        if seed.dim() != 0 or seed.dtype.is_floating_point or seed.dtype.is_complex or seed.dtype == torch.bool:
+            raise TypeError(f"{name}: expected a Python int or a 0-d integer tensor, got {seed.dtype} of shape {tuple(seed.shape)}")
+        return
+    check_int(seed, name)
 
 
 def check_ratio(ratio: object, name: str = "ratio") -> None:
@@ -134,13 +169,24 @@ def check_ratio(ratio: object, name: str = "ratio") -> None:
 
 
 def check_fraction(value: object, name: str, *, low_open: bool = False) -> None:
-    """A Python real in [0, 1] (or (0, 1] with ``low_open``)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    """A Python real in [0, 1] (or (0, 1] with ``low_open``); NaN fails the comparison."""
+    check_real(value, name)
     ok = (0 < value <= 1) if low_open else (0 <= value <= 1)
-    if not ok or math.isnan(value):
+    if not ok:
         interval = "(0, 1]" if low_open else "[0, 1]"
-        raise ValueError(f"{name}: expected a value in {interval}, got {value}")
+        raise ValueError(f"{name}: expected a value in {interval}, got {shown(value)}")
+
+
+def check_real(value: object, name: str, *, minimum: float | None = None) -> None:
+    """A Python real (``SymInt``/``SymFloat`` under ``torch.compile`` count as one).
+
+    With ``minimum``: a finite value >= minimum. Comparisons, not
+    ``math.isnan``, so a symbolic value becomes a guard instead of a graph break.
+    """
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, torch.SymInt, torch.SymFloat)):
+        raise TypeError(f"{name}: expected a float, got {type(value).__name__}")
+    if minimum is not None and not (minimum <= value < math.inf):
+        raise ValueError(f"{name}: expected a finite float >= {minimum}, got {shown(value)}")
 
 
 def check_scores(scores: object, name: str = "scores") -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
 from cggr_fn import _checks
@@ -16,14 +14,18 @@ def warmup_progress(step: Step, warmup_steps: int) -> tuple[Step, int]:
     """Progress through warmup as an exact fraction ``(numerator, denominator)``.
 
     Integer arithmetic keeps bucket sizes identical on every device and for
-    Python-int and tensor steps alike. ``warmup_steps == 0`` means no warmup.
+    Python-int and tensor steps alike; a tensor step is widened to int64 first,
+    so products with token counts cannot overflow a narrow step dtype.
+    ``warmup_steps == 0`` means no warmup.
     """
     _checks.check_step(step)
     _checks.check_int(warmup_steps, "warmup_steps", minimum=0)
     if isinstance(step, torch.Tensor):
+        step = step.long()
         done = step.clamp(0, warmup_steps) if warmup_steps else torch.ones_like(step)
         return done, max(warmup_steps, 1)
-    return (min(step, warmup_steps), warmup_steps) if warmup_steps else (1, 1)
+    # sym_min: a dynamic (SymInt) step stays symbolic instead of guarding on its value.
+    return (torch.sym_min(step, warmup_steps), warmup_steps) if warmup_steps else (1, 1)
 
 
 def ratio_schedule(step: Step, *, warmup_steps: int, final_ratio: float) -> Ratio:
@@ -36,7 +38,9 @@ def ratio_schedule(step: Step, *, warmup_steps: int, final_ratio: float) -> Rati
       final_ratio: the keep ratio after warmup, in ``(0, 1]``.
 
     Returns:
-      A Python float for an int step, else a 0-d float32 tensor on the step's device.
+      A Python float for an int step, else a 0-d float64 tensor on the step's
+      device with the same value (the same float64 operations), so both kinds
+      of step select the same ``k``.
 
     Example:
       >>> import cggr_fn
@@ -46,7 +50,7 @@ def ratio_schedule(step: Step, *, warmup_steps: int, final_ratio: float) -> Rati
     _checks.check_fraction(final_ratio, "final_ratio", low_open=True)
     done, total = warmup_progress(step, warmup_steps)
     if isinstance(done, torch.Tensor):
-        done = done.float()
+        done = done.double()
     return final_ratio + (1.0 - final_ratio) * (total - done) / total
 
 
@@ -67,19 +71,21 @@ def dynamic_ratio(
     confidence is above the target trains fewer tokens, one below it more (the
     seed's dynamic threshold could only raise the ratio). A NaN mean confidence
     (NaN logits; the loss will show them) gives ``max_ratio``. On-device, no
-    host sync.
+    host sync. The result is float64 when ``ratio`` or ``confidence`` is
+    float64 (e.g. the ratio of :func:`ratio_schedule` at a tensor step), else
+    float32.
 
     Args:
       ratio: the scheduled keep ratio (e.g. from :func:`ratio_schedule`).
       confidence: per-token max probability, e.g. ``token_stats(...).confidence``.
       valid: optional boolean mask of the tokens to average over (e.g. non-padding).
-      sensitivity: ratio change per unit of confidence below the target, >= 0.
+      sensitivity: ratio change per unit of confidence below the target, a finite float >= 0.
       target_confidence: mean confidence at which the ratio is left unchanged.
       min_ratio: lower bound of the result, in ``(0, 1]``.
       max_ratio: upper bound of the result, in ``[min_ratio, 1]``.
 
     Returns:
-      A 0-d float32 tensor in ``[min_ratio, max_ratio]``.
+      A 0-d float32 or float64 tensor in ``[min_ratio, max_ratio]``.
 
     Example:
       >>> import torch, cggr_fn
@@ -89,14 +95,13 @@ def dynamic_ratio(
     """
     _checks.check_ratio(ratio)
     _checks.check_scores(confidence, "confidence")
-    if isinstance(sensitivity, bool) or not isinstance(sensitivity, numbers.Real) or sensitivity < 0:
-        raise ValueError(f"sensitivity: expected a float >= 0, got {sensitivity!r}")
+    _checks.check_real(sensitivity, "sensitivity", minimum=0)
     _checks.check_fraction(target_confidence, "target_confidence")
     _checks.check_fraction(min_ratio, "min_ratio", low_open=True)
     _checks.check_fraction(max_ratio, "max_ratio", low_open=True)
     if min_ratio > max_ratio:
         raise ValueError(f"min_ratio: expected min_ratio <= max_ratio, got {min_ratio} > {max_ratio}")
-    confidence = confidence.float()
+    confidence = confidence.to(torch.promote_types(torch.float32, confidence.dtype))
     if valid is None:
         mean = confidence.mean()
     else:
@@ -106,6 +111,7 @@ def dynamic_ratio(
         count = valid.sum().clamp_min(1)
         mean = torch.where(valid, confidence, 0.0).sum() / count
     # A Python ratio stays a Python number and a tensor ratio a 0-d scalar on its
-    # own device: no host-to-device copy, so nothing synchronises.
-    adjusted = (ratio.float() if isinstance(ratio, torch.Tensor) else ratio) + sensitivity * (target_confidence - mean)
+    # own device: no host-to-device copy, so nothing synchronises. Type
+    # promotion keeps a float64 ratio or confidence float64.
+    adjusted = ratio + sensitivity * (target_confidence - mean)
     return torch.nan_to_num(adjusted, nan=max_ratio).clamp(min_ratio, max_ratio)

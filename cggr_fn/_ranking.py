@@ -15,28 +15,49 @@ from cggr_fn._curriculum import Ratio
 # float32 0.3 is 0.30000001): it snaps to the integer instead of rounding up
 # past it. Anything farther is a genuine fraction and rounds up.
 _CAPACITY_ULPS = 4
+# sort_key: the bits below float64's sign bit, and NaN's key, the largest int64
+# (above +inf's bits 0x7FF0...).
+_MAGNITUDE_BITS = (1 << 63) - 1
+_NAN_KEY = _MAGNITUDE_BITS
 
 
-def capacity(ratio: float, num_tokens: int) -> int:
+def capacity(num_tokens: int, *, ratio: Ratio) -> int | torch.Tensor:
     """How many tokens a keep ratio selects: ``k = ceil(ratio * num_tokens)``.
 
-    A product within a few float64 ulps of an integer counts as that integer
-    (the rounding of a decimal ratio, e.g. ``0.3 * 10``). Static: use it to size fixed-capacity buffers.
+    A product within a few ulps of the ratio's dtype from an integer counts as
+    that integer (the rounding of a decimal ratio, e.g. ``0.3 * 10``), and
+    ``k`` is at least 1 (when there is a token). A Python ``ratio`` gives a
+    Python int: static, to size fixed-capacity buffers. A 0-d floating tensor
+    ratio gives ``k`` by the same rule as a 0-d int64 tensor on the ratio's
+    device, without a host sync; a float32 ratio determines ``k`` only to
+    about ``1e-6 * k``, so pass a float64 ratio (as :func:`ratio_schedule`
+    returns for a tensor step) for exact counts beyond ~10**5.
+
+    A tensor ratio is not checked outside :func:`checking` (that would need a
+    sync): one outside ``(0, 1]`` is clamped into it (at most 0 selects one
+    token, above 1 every token), and NaN selects every token, the side that
+    keeps a broken ratio visible as standard training instead of hiding
+    tokens. :func:`checking` raises on all of these.
 
     Args:
-      ratio: keep ratio in ``(0, 1]``.
       num_tokens: number of positions, >= 0.
+      ratio: keep ratio in ``(0, 1]``, a float or a 0-d floating tensor.
 
     Returns:
-      ``k`` in ``[min(1, num_tokens), num_tokens]``.
+      ``k`` in ``[min(1, num_tokens), num_tokens]``: an int for a Python
+      ratio, a 0-d int64 tensor for a tensor ratio.
 
     Example:
-      >>> import cggr_fn
-      >>> cggr_fn.capacity(0.3, 10), cggr_fn.capacity(0.25, 10), cggr_fn.capacity(1e-9, 10)
+      >>> import torch, cggr_fn
+      >>> cggr_fn.capacity(10, ratio=0.3), cggr_fn.capacity(10, ratio=0.25), cggr_fn.capacity(10, ratio=1e-9)
       (3, 3, 1)
+      >>> cggr_fn.capacity(10, ratio=torch.tensor(0.25, dtype=torch.float64))
+      tensor(3)
     """
-    _checks.check_fraction(ratio, "ratio", low_open=True)
     _checks.check_int(num_tokens, "num_tokens", minimum=0)
+    _checks.check_ratio(ratio)
+    if isinstance(ratio, torch.Tensor):
+        return _tensor_capacity(ratio, num_tokens)
     product = ratio * num_tokens
     nearest = round(product)
     tolerance = _CAPACITY_ULPS * sys.float_info.epsilon * max(product, 1.0)
@@ -44,18 +65,11 @@ def capacity(ratio: float, num_tokens: int) -> int:
     return min(num_tokens, max(k, min(1, num_tokens)))
 
 
-def capacity_tensor(ratio: Ratio, num_tokens: int) -> int | torch.Tensor:
-    """:func:`capacity` for a Python ratio, or the same rule as a 0-d tensor for a tensor ratio.
-
-    The tensor stays on the ratio's device: a 0-d tensor mixes with tensors on
-    any device without a copy, so nothing synchronises. The snap tolerance is a
-    few ulps of the ratio's dtype: a float32 ratio determines ``k`` only to
-    about ``1e-6 * k``; pass a float64 ratio for exact counts beyond ~10**5.
-    """
-    _checks.check_ratio(ratio)
-    if not isinstance(ratio, torch.Tensor):
-        return capacity(ratio, num_tokens)
-    product = ratio.double() * num_tokens
+def _tensor_capacity(ratio: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """:func:`capacity`'s rule on-device; out-of-range and NaN ratios as documented there."""
+    # NaN counts as "all tokens"; clamping the product before the int cast
+    # keeps ratios such as 2.0 or inf from overflowing int64.
+    product = torch.nan_to_num(ratio.double() * num_tokens, nan=num_tokens).clamp(0, num_tokens)
     nearest = product.round()
     tolerance = _CAPACITY_ULPS * torch.finfo(ratio.dtype).eps * product.clamp_min(1.0)
     snap = (product - nearest).abs() <= tolerance
@@ -64,10 +78,20 @@ def capacity_tensor(ratio: Ratio, num_tokens: int) -> int | torch.Tensor:
 
 
 def sort_key(scores: torch.Tensor) -> torch.Tensor:
-    """Scores as a sort key: NaN counts as the hardest (+inf), never hidden."""
-    # float64 scores keep their precision; everything else ranks in float32.
-    scores = scores if scores.dtype == torch.float64 else scores.float()
-    return torch.where(torch.isnan(scores), float("inf"), scores)
+    """Scores as an int64 sort key with the exact order NaN > +inf > finite > -inf.
+
+    Equal scores get equal keys (``-0.0`` equals ``0.0``), so a stable sort
+    breaks their ties by position. Every float dtype widens exactly to
+    float64, whose bits, with negative values' magnitude bits flipped, order
+    like the floats; NaN takes the largest int64, above ``+inf``'s bits.
+    """
+    # -0.0 would get a smaller key than 0.0; a where() (not "+ 0.0", which a
+    # compiler may drop as a no-op) makes them one value.
+    wide = scores.double()
+    wide = torch.where(wide == 0, 0.0, wide)
+    bits = wide.view(torch.int64)
+    key = torch.where(bits < 0, bits ^ _MAGNITUDE_BITS, bits)
+    return torch.where(torch.isnan(wide), _NAN_KEY, key)
 
 
 def selectable(scores: torch.Tensor) -> torch.Tensor:
@@ -84,7 +108,7 @@ def inverse_permutation(order: torch.Tensor) -> torch.Tensor:
 def difficulty_rank(scores: torch.Tensor) -> torch.Tensor:
     """Rank of every score along the last dim, 0 = hardest.
 
-    Descending by score, NaN first, ``-inf`` last; equal scores rank by
+    Descending by score, NaN first (before ``+inf``), ``-inf`` last; equal scores rank by
     position (earlier = harder). A stable sort makes the ties deterministic on
     every device.
     """

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import optree
@@ -32,6 +32,9 @@ def _row_mask(mask: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
 def _route_leaf(leaf: Any, mask: torch.Tensor, leak: float) -> Any:
     if not isinstance(leaf, torch.Tensor) or not (leaf.is_floating_point() or leaf.is_complex()):
         return leaf
+    if leaf.dim() == 0 and mask.dim() > 0:
+        # A scalar output (an MoE auxiliary loss) has no rows to gate.
+        return leaf
     rows = _row_mask(mask, leaf)
     constant = leaf.detach()
     if leak == 0.0:
@@ -50,12 +53,23 @@ def route_grad(fn: F, mask: torch.Tensor, *, leak: float = 0.0) -> F:
 
     The returned function computes exactly ``fn``'s outputs. In backward (and in
     forward-mode tangents), rows where ``mask`` is false pass their gradient
-    scaled by ``leak`` (0 by default: exactly zero, even for inf/NaN
-    gradients; non-finite output entries of those rows pass none); rows where
-    it is true pass it unchanged. ``mask`` covers the
-    leading dims of every floating tensor in ``fn``'s (pytree) output, e.g. a
-    ``(batch, seq)`` mask for ``(batch, seq, hidden)`` outputs. Other leaves
-    pass through.
+    scaled by ``leak``; rows where it is true pass it unchanged. ``mask``
+    covers the leading dims of every floating tensor in ``fn``'s (pytree)
+    output, e.g. a ``(batch, seq)`` mask for ``(batch, seq, hidden)`` outputs.
+    A 0-d floating output (e.g. the auxiliary loss of an MoE layer returning
+    ``(out, aux_loss)``) has no rows and passes through ungated, as do
+    non-floating leaves; any other output whose leading dims do not match
+    ``mask`` is an error.
+
+    The guarantee is at ``fn``'s outputs: with ``leak=0`` the cotangent that
+    reaches ``fn``'s backward for a gated row is exactly zero, even where the
+    incoming gradient is inf or NaN (with ``leak > 0`` it is ``leak`` times
+    the incoming one, and non-finite output entries of gated rows pass none).
+    What ``fn``'s own backward makes of a zero cotangent is ``fn``'s: a
+    derivative that is itself inf or NaN at that input gives ``0 * inf = NaN``
+    (e.g. ``torch.sqrt`` at 0), exactly as in plain autograd. When input
+    gradients must be finite, keep ``fn``'s derivative finite at the inputs
+    of gated rows (e.g. ``sqrt(x + eps)``).
 
     Composes with ``torch.func.grad``, ``vjp``, ``jvp``, ``vmap`` and
     ``functional_call``, and compiles with ``torch.compile(fullgraph=True)``.
@@ -92,7 +106,7 @@ def route_grad(fn: F, mask: torch.Tensor, *, leak: float = 0.0) -> F:
     return routed  # type: ignore[return-value]
 
 
-def depth_masks(depth: torch.Tensor, num_layers: int) -> list[torch.Tensor]:
+def depth_masks(depth: torch.Tensor, *, num_layers: int) -> list[torch.Tensor]:
     """Gradient gates of a layer stack for per-token depths.
 
     There are ``num_layers + 1`` gate points: point 0 is the stack's input and
@@ -105,6 +119,11 @@ def depth_masks(depth: torch.Tensor, num_layers: int) -> list[torch.Tensor]:
     ``d == num_layers`` is never gated, so it also trains whatever produced the
     stack's input (the embedding) -- exactly standard training.
 
+    Depths outside ``[0, num_layers]`` are not checked outside
+    :func:`checking` (that would need a sync); they act as if clamped into it
+    (above ``num_layers``: every layer, below 0: none). :func:`checking`
+    raises on them.
+
     Args:
       depth: integer tensor of per-token depths in ``[0, num_layers]``.
       num_layers: number of layers in the stack, >= 1.
@@ -114,7 +133,7 @@ def depth_masks(depth: torch.Tensor, num_layers: int) -> list[torch.Tensor]:
 
     Example:
       >>> import torch, cggr_fn
-      >>> [m.tolist() for m in cggr_fn.depth_masks(torch.tensor([3, 1, 0]), 3)]
+      >>> [m.tolist() for m in cggr_fn.depth_masks(torch.tensor([3, 1, 0]), num_layers=3)]
       [[True, False, False], [True, False, False], [True, False, False], [True, True, False]]
     """
     if not isinstance(depth, torch.Tensor) or depth.dtype.is_floating_point or depth.dtype == torch.bool:
@@ -141,9 +160,12 @@ def route_depth(
     depth is not gated at all.
 
     Args:
-      layers: layer functions ``hidden -> hidden`` (extra args are passed to each).
+      layers: a sequence (list, tuple, ``nn.ModuleList``) of layer functions
+        ``hidden -> hidden`` (extra args are passed to each); a single module
+        is not a stack.
       depth: integer tensor of per-token depths in ``[0, len(layers)]``,
-        shaped as ``hidden``'s token dims (e.g. ``(batch, seq)``).
+        shaped as ``hidden``'s token dims (e.g. ``(batch, seq)``); out-of-range
+        depths as :func:`depth_masks` documents.
       leak: gradient scale where a gate is closed, in ``[0, 1]``.
 
     Returns:
@@ -158,10 +180,17 @@ def route_depth(
       >>> w.grad  # only token 0 reaches the bottom layer
       tensor(1.)
     """
+    # A single module is callable but not a stack; nn.ModuleList and
+    # nn.Sequential are iterable, so they pass.
+    if not isinstance(layers, Iterable):
+        raise TypeError(f"layers: expected a sequence of callables, got {type(layers).__name__}")
     layers = list(layers)
-    if not layers or not all(callable(layer) for layer in layers):
-        raise TypeError("layers: expected a non-empty sequence of callables")
-    input_mask, *output_masks = depth_masks(depth, len(layers))
+    if not layers:
+        raise TypeError("layers: expected a non-empty sequence of callables, got an empty one")
+    for index, layer in enumerate(layers):
+        if not callable(layer):
+            raise TypeError(f"layers: expected a sequence of callables, got {type(layer).__name__} at index {index}")
+    input_mask, *output_masks = depth_masks(depth, num_layers=len(layers))
     _checks.check_fraction(leak, "leak")
     routed_layers = [route_grad(layer, mask, leak=leak) for layer, mask in zip(layers, output_masks)]
 

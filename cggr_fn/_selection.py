@@ -8,28 +8,31 @@ import torch
 
 from cggr_fn import _checks
 from cggr_fn._curriculum import Ratio, Step
-from cggr_fn._ranking import capacity_tensor, difficulty_rank, inverse_permutation, selectable
+from cggr_fn._ranking import capacity, difficulty_rank, inverse_permutation, selectable
 
 STRATEGIES = ("topk", "stratified", "sequence_aware")
 
 
 def select(
     scores: torch.Tensor,
-    ratio: Ratio,
     *,
+    ratio: Ratio,
     strategy: str = "topk",
     num_strata: int = 4,
     min_per_sequence: int = 1,
     seed: Step = 0,
 ) -> torch.Tensor:
-    """Select ``k = capacity(ratio, scores.numel())`` tokens as a boolean mask.
+    """Select ``k = capacity(scores.numel(), ratio=ratio)`` tokens as a boolean mask.
 
     Exactly ``k`` positions are selected over the whole tensor, fewer only when
     fewer than ``k`` are selectable (scores other than ``-inf``; ignored
-    positions score ``-inf``). NaN scores count as the hardest, so NaN logits
-    are always trained on and show in the loss. Ties break by position
-    (earlier first). The mask's shape is static; nothing synchronises with the
-    host, also for a 0-d tensor ``ratio`` (then ``k`` is computed on-device).
+    positions score ``-inf``). NaN scores count as the hardest (before
+    ``+inf``), so NaN logits are always trained on and show in the loss. Ties
+    break by position (earlier first). The mask's shape is static; nothing
+    synchronises with the host, also for a 0-d tensor ``ratio`` (then ``k`` is
+    computed on-device, and a ratio outside ``(0, 1]`` or NaN is handled as
+    :func:`capacity` documents: clamped, NaN selects every selectable token;
+    :func:`checking` raises on it).
 
     Strategies:
       * ``"topk"``: the ``k`` hardest.
@@ -51,7 +54,7 @@ def select(
       strategy: one of ``"topk"``, ``"stratified"``, ``"sequence_aware"``.
       num_strata: strata for ``"stratified"``, >= 1.
       min_per_sequence: per-sequence minimum for ``"sequence_aware"``, >= 0.
-      seed: int or 0-d integer tensor (e.g. the step) for ``"stratified"`` draws.
+      seed: Python int or 0-d integer tensor (e.g. the step) for ``"stratified"`` draws.
 
     Returns:
       A boolean tensor of ``scores.shape``.
@@ -59,17 +62,18 @@ def select(
     Example:
       >>> import torch, cggr_fn
       >>> scores = torch.tensor([[0.1, 0.9, 0.5, 0.7], [0.3, 0.2, float("-inf"), 0.4]])
-      >>> cggr_fn.select(scores, 0.5).int()
+      >>> cggr_fn.select(scores, ratio=0.5).int()
       tensor([[0, 1, 1, 1],
               [0, 0, 0, 1]], dtype=torch.int32)
-      >>> cggr_fn.select(scores, 0.5, strategy="sequence_aware", min_per_sequence=2).int()
+      >>> cggr_fn.select(scores, ratio=0.5, strategy="sequence_aware", min_per_sequence=2).int()
       tensor([[0, 1, 0, 1],
               [1, 0, 0, 1]], dtype=torch.int32)
     """
     _checks.check_scores(scores)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
-    k = capacity_tensor(ratio, scores.numel())
+    _checks.check_seed(seed)
+    k = capacity(scores.numel(), ratio=ratio)
     flat = scores.reshape(-1)
     rank = difficulty_rank(flat)
     if strategy == "topk":
@@ -82,7 +86,7 @@ def select(
         _checks.check_int(min_per_sequence, "min_per_sequence", minimum=0)
         rows = flat.reshape(math.prod(scores.shape[:-1]), scores.shape[-1]) if scores.dim() > 0 else flat.reshape(1, 1)
         needed = rows.shape[0] * min(min_per_sequence, rows.shape[1])
-        if isinstance(k, int) and needed > k:
+        if not isinstance(k, torch.Tensor) and needed > k:
             raise ValueError(
                 f"min_per_sequence: {rows.shape[0]} sequences x {min_per_sequence} exceed the "
                 f"k={k} tokens that ratio={ratio} selects; lower min_per_sequence or raise ratio"

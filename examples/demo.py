@@ -10,9 +10,9 @@ the same order for the same number of steps. The CGGR step is:
 
 1. a no-grad forward pass gives the logits; ``cggr_fn.score`` turns them into
    one difficulty per token;
-2. ``cggr_fn.bucket`` sorts tokens into depth buckets under a linear
+2. ``cggr_fn.bucket_depth`` sorts tokens into depth buckets under a linear
    curriculum driven by the explicit ``step`` (everything at full depth at
-   step 0), and ``cggr_fn.bucket_depth`` turns buckets into per-token depths;
+   step 0) and turns the buckets into per-token depths;
 3. the forward pass runs again through ``cggr_fn.route_depth``: a token of
    depth ``d`` trains only the top ``d`` blocks;
 4. ``cggr_fn.selective_loss`` trains on the ``cggr_fn.select``-ed hardest
@@ -158,10 +158,9 @@ def make_cggr_step(
         with torch.no_grad():
             logits = tiny_gpt.forward(params, tokens)
         scores = scorer(logits, targets, step)
-        buckets = cggr_fn.bucket(scores, step, num_buckets=num_buckets, warmup_steps=curriculum_steps)
-        depth = cggr_fn.bucket_depth(buckets, num_layers=num_layers, num_buckets=num_buckets)
+        depth = cggr_fn.bucket_depth(scores, step, num_layers=num_layers, num_buckets=num_buckets, warmup_steps=curriculum_steps)
         ratio = cggr_fn.ratio_schedule(step, warmup_steps=curriculum_steps, final_ratio=final_ratio)
-        mask = cggr_fn.select(scores, ratio)
+        mask = cggr_fn.select(scores, ratio=ratio)
         grads = loss_and_grad(params, tokens, targets, depth, mask)
         params, opt = adamw_update(params, grads, opt, step, lr_fn(step))
         # The scoring pass already holds the pre-update logits: its mean nll is the

@@ -86,8 +86,8 @@ def cggr_grads(
     with torch.no_grad():
         logits = functional_call(model, params, (tokens,))
     scores = cggr_fn.score(logits, targets)
-    depth = cggr_fn.bucket_depth(cggr_fn.bucket(scores, step, warmup_steps=warmup_steps), num_layers=num_layers)
-    mask = cggr_fn.select(scores, cggr_fn.ratio_schedule(step, warmup_steps=warmup_steps, final_ratio=final_ratio))
+    depth = cggr_fn.bucket_depth(scores, step, num_layers=num_layers, warmup_steps=warmup_steps)
+    mask = cggr_fn.select(scores, ratio=cggr_fn.ratio_schedule(step, warmup_steps=warmup_steps, final_ratio=final_ratio))
 
     def loss_fn(p: dict[str, torch.Tensor]) -> torch.Tensor:
         routed_logits = functional_call(model, p, (tokens,), {"depth": depth})

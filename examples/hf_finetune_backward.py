@@ -76,8 +76,7 @@ def main(argv: Sequence[str] | None = None) -> list[float]:
         params = dict(model.named_parameters())  # the live parameters: autograd records into .grad
         if args.method == "depth":
             scores = token_scores(router(params, input_ids), input_ids)
-            buckets = cggr_fn.bucket(scores, step, warmup_steps=args.warmup_steps)
-            depth = cggr_fn.bucket_depth(buckets, num_layers=forward.num_layers)
+            depth = cggr_fn.bucket_depth(scores, step, num_layers=forward.num_layers, warmup_steps=args.warmup_steps)
             loss = lm_loss(forward(params, depth, input_ids=input_ids).logits, input_ids)
         else:
             ratio = cggr_fn.ratio_schedule(step, warmup_steps=args.warmup_steps, final_ratio=args.final_ratio)

@@ -68,8 +68,7 @@ def make_step(model: nn.Module, *, router_layers: int, num_buckets: int, warmup_
     def step_fn(params: Params, input_ids: torch.Tensor, step: torch.Tensor) -> tuple[Params, torch.Tensor, torch.Tensor]:
         # Labels are the inputs: the model (and lm_loss) shift them for next-token prediction.
         scores = token_scores(router(params, input_ids), input_ids)
-        buckets = cggr_fn.bucket(scores, step, num_buckets=num_buckets, warmup_steps=warmup_steps)
-        depth = cggr_fn.bucket_depth(buckets, num_layers=forward.num_layers, num_buckets=num_buckets)
+        depth = cggr_fn.bucket_depth(scores, step, num_layers=forward.num_layers, num_buckets=num_buckets, warmup_steps=warmup_steps)
 
         def loss_fn(p: Params) -> torch.Tensor:
             return lm_loss(forward(p, depth, input_ids=input_ids).logits, input_ids)

@@ -34,21 +34,27 @@ CASES = [
     (lambda: cggr_fn.score(LOGITS, method=lambda s: s.entropy[0]), ValueError, r"method: the callable must return a tensor of shape \(2, 3\)"),
     (lambda: cggr_fn.score(LOGITS, method=lambda s: s.entropy > 1), TypeError, r"method: the callable must return a floating-point tensor, got dtype torch.bool"),
     # ratio
-    (lambda: cggr_fn.select(SCORES, 0.0), ValueError, r"ratio: expected a value in \(0, 1\], got 0.0"),
-    (lambda: cggr_fn.select(SCORES, 1.5), ValueError, r"ratio: expected a value in \(0, 1\], got 1.5"),
-    (lambda: cggr_fn.select(SCORES, float("nan")), ValueError, r"ratio: expected a value in \(0, 1\]"),
-    (lambda: cggr_fn.select(SCORES, "half"), TypeError, r"ratio: expected a float"),
-    (lambda: cggr_fn.select(SCORES, torch.tensor([0.5])), TypeError, r"ratio: expected a float or a 0-d floating tensor"),
-    (lambda: cggr_fn.capacity(-0.1, 10), ValueError, r"ratio: expected a value in \(0, 1\]"),
+    (lambda: cggr_fn.select(SCORES, ratio=0.0), ValueError, r"ratio: expected a value in \(0, 1\], got 0.0"),
+    (lambda: cggr_fn.select(SCORES, ratio=1.5), ValueError, r"ratio: expected a value in \(0, 1\], got 1.5"),
+    (lambda: cggr_fn.select(SCORES, ratio=float("nan")), ValueError, r"ratio: expected a value in \(0, 1\]"),
+    (lambda: cggr_fn.select(SCORES, ratio="half"), TypeError, r"ratio: expected a float"),
+    (lambda: cggr_fn.select(SCORES, ratio=torch.tensor([0.5])), TypeError, r"ratio: expected a float or a 0-d floating tensor"),
+    (lambda: cggr_fn.capacity(10, ratio=-0.1), ValueError, r"ratio: expected a value in \(0, 1\]"),
     (lambda: cggr_fn.ratio_schedule(3, warmup_steps=10, final_ratio=0.0), ValueError, r"final_ratio: expected a value in \(0, 1\]"),
     (lambda: cggr_fn.dynamic_ratio(0.5, SCORES, min_ratio=0.8, max_ratio=0.5), ValueError, r"min_ratio: expected min_ratio <= max_ratio"),
-    (lambda: cggr_fn.dynamic_ratio(0.5, SCORES, sensitivity=-1.0), ValueError, r"sensitivity: expected a float >= 0"),
+    (lambda: cggr_fn.dynamic_ratio(0.5, SCORES, sensitivity=-1.0), ValueError, r"sensitivity: expected a finite float >= 0, got -1.0"),
+    (lambda: cggr_fn.dynamic_ratio(0.5, SCORES, sensitivity=float("nan")), ValueError, r"sensitivity: expected a finite float >= 0, got nan"),
+    (lambda: cggr_fn.dynamic_ratio(0.5, SCORES, sensitivity=float("inf")), ValueError, r"sensitivity: expected a finite float >= 0, got inf"),
+    (lambda: cggr_fn.dynamic_ratio(0.5, SCORES, sensitivity="high"), TypeError, r"sensitivity: expected a float, got str"),
     (lambda: cggr_fn.dynamic_ratio(0.5, SCORES, valid=MASK[0]), ValueError, r"valid: expected shape \(2, 3\)"),
     # select options
-    (lambda: cggr_fn.select(SCORES, 0.5, strategy="random"), ValueError, r"strategy: expected one of \('topk', 'stratified', 'sequence_aware'\)"),
-    (lambda: cggr_fn.select(SCORES, 0.5, strategy="stratified", num_strata=0), ValueError, r"num_strata: expected an int >= 1, got 0"),
-    (lambda: cggr_fn.select(SCORES, 0.5, strategy="sequence_aware", min_per_sequence=-1), ValueError, r"min_per_sequence: expected an int >= 0"),
-    (lambda: cggr_fn.select(TARGETS, 0.5), TypeError, r"scores: expected a floating-point tensor"),
+    (lambda: cggr_fn.select(SCORES, ratio=0.5, strategy="random"), ValueError, r"strategy: expected one of \('topk', 'stratified', 'sequence_aware'\)"),
+    (lambda: cggr_fn.select(SCORES, ratio=0.5, strategy="stratified", num_strata=0), ValueError, r"num_strata: expected an int >= 1, got 0"),
+    (lambda: cggr_fn.select(SCORES, ratio=0.5, strategy="sequence_aware", min_per_sequence=-1), ValueError, r"min_per_sequence: expected an int >= 0"),
+    (lambda: cggr_fn.select(TARGETS, ratio=0.5), TypeError, r"scores: expected a floating-point tensor"),
+    (lambda: cggr_fn.select(SCORES, ratio=0.5, strategy="stratified", seed=1.5), TypeError, r"seed: expected an int, got float"),
+    (lambda: cggr_fn.select(SCORES, ratio=0.5, strategy="stratified", seed=torch.tensor(1.5)), TypeError, r"seed: expected a Python int or a 0-d integer tensor, got torch.float32"),
+    (lambda: cggr_fn.select(SCORES, ratio=0.5, seed=torch.tensor([1, 2])), TypeError, r"seed: expected a Python int or a 0-d integer tensor"),
     # buckets and curriculum
     (lambda: cggr_fn.bucket(SCORES, 0, num_buckets=0), ValueError, r"num_buckets: expected an int >= 1, got 0"),
     (lambda: cggr_fn.bucket(SCORES, 0, num_buckets=2.5), TypeError, r"num_buckets: expected an int, got float"),
@@ -58,8 +64,9 @@ CASES = [
     (lambda: cggr_fn.bucket(SCORES, torch.tensor(1.0)), TypeError, r"step: expected a Python int or a 0-d integer tensor"),
     (lambda: cggr_fn.bucket(SCORES, torch.tensor([1, 2])), TypeError, r"step: expected a Python int or a 0-d integer tensor"),
     (lambda: cggr_fn.ratio_schedule(True, warmup_steps=3, final_ratio=0.5), TypeError, r"step: expected an int, got bool"),
-    (lambda: cggr_fn.bucket_depth(SCORES, num_layers=4), TypeError, r"buckets: expected an integer tensor"),
-    (lambda: cggr_fn.bucket_depth(TARGETS, num_layers=0), ValueError, r"num_layers: expected an int >= 1, got 0"),
+    (lambda: cggr_fn.bucket_depth(TARGETS, 0, num_layers=4), TypeError, r"scores: expected a floating-point tensor"),
+    (lambda: cggr_fn.bucket_depth(SCORES, 0, num_layers=0), ValueError, r"num_layers: expected an int >= 1, got 0"),
+    (lambda: cggr_fn.bucket_depth(SCORES, 0, num_layers=4, num_buckets=0), ValueError, r"num_buckets: expected an int >= 1, got 0"),
     # routing
     (lambda: cggr_fn.route_grad(identity, MASK, leak=1.5), ValueError, r"leak: expected a value in \[0, 1\], got 1.5"),
     (lambda: cggr_fn.route_grad(identity, MASK, leak=-0.1), ValueError, r"leak: expected a value in \[0, 1\]"),
@@ -70,6 +77,8 @@ CASES = [
     (lambda: cggr_fn.route_grad(identity, MASK)(torch.randn(1, 3)), ValueError, r"mask: expected a shape broadcastable to the output rows \(1, 3\)"),
     (lambda: cggr_fn.route_grad(identity, MASK.to("meta"))(torch.randn(2, 3)), ValueError, r"mask: expected device cpu \(the output's\), got meta"),
     (lambda: cggr_fn.route_depth([], TARGETS), TypeError, r"layers: expected a non-empty sequence of callables"),
+    (lambda: cggr_fn.route_depth(torch.nn.Linear(3, 3), TARGETS), TypeError, r"layers: expected a sequence of callables, got Linear$"),
+    (lambda: cggr_fn.route_depth([identity, 3], TARGETS), TypeError, r"layers: expected a sequence of callables, got int at index 1"),
     (lambda: cggr_fn.route_depth([identity], SCORES), TypeError, r"depth: expected an integer tensor"),
     (lambda: cggr_fn.route_depth([identity], TARGETS, leak=2.0), ValueError, r"leak: expected a value in \[0, 1\]"),
     # loss
@@ -90,11 +99,9 @@ def test_checking_mode_catches_value_errors_that_need_a_sync():
         with pytest.raises(ValueError, match=r"step: expected a step >= 0, got -2"):
             cggr_fn.bucket(SCORES, torch.tensor(-2))
         with pytest.raises(ValueError, match=r"ratio: expected a value in \(0, 1\], got 1.5"):
-            cggr_fn.select(SCORES, torch.tensor(1.5))
-        with pytest.raises(ValueError, match=r"buckets: expected values in \[0, 4\), got \[0, 7\]"):
-            cggr_fn.bucket_depth(torch.tensor([0, 7]), num_layers=4)
+            cggr_fn.select(SCORES, ratio=torch.tensor(1.5))
         with pytest.raises(ValueError, match=r"depth: expected values in \[0, 2\], got \[-1, 1\]"):
-            cggr_fn.depth_masks(torch.tensor([-1, 1]), 2)
+            cggr_fn.depth_masks(torch.tensor([-1, 1]), num_layers=2)
         with pytest.raises(ValueError, match=r"targets: expected values in \[0, 5\) or ignore_index=-100"):
             cggr_fn.selective_loss(LOGITS, TARGETS + 3, MASK)
     cggr_fn.bucket(SCORES, torch.tensor(-2))  # off by default: no sync, clamps to step 0
@@ -103,7 +110,7 @@ def test_checking_mode_catches_value_errors_that_need_a_sync():
 def test_checking_mode_refuses_to_run_under_compile():
     @torch.compile(backend="eager", fullgraph=True)
     def compiled(scores):
-        return cggr_fn.select(scores, torch.tensor(0.5))
+        return cggr_fn.select(scores, ratio=torch.tensor(0.5))
 
     with cggr_fn.checking(), pytest.raises(Exception, match="cannot run under torch.compile"):
         compiled(SCORES)

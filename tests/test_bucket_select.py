@@ -26,7 +26,7 @@ def reference_order(scores):
 
 @given(ratio=ratios, n=st.integers(0, 10**8))
 def test_capacity_is_the_ceiling_up_to_float_rounding(ratio, n):
-    k = cggr_fn.capacity(ratio, n)
+    k = cggr_fn.capacity(n, ratio=ratio)
     exact = Fraction(ratio) * n  # the float's exact value
     assert (n == 0 and k == 0) or 1 <= k <= n
     if n:
@@ -39,20 +39,20 @@ def test_capacity_is_the_ceiling_up_to_float_rounding(ratio, n):
 @pytest.mark.parametrize("n", [10, 1_000_001, 1_048_576, 2_000_002, 16_777_216])
 def test_capacity_is_the_exact_ceiling_of_the_decimal_ratio(decimal, n):
     expected = math.ceil(Fraction(decimal) * n)
-    assert cggr_fn.capacity(float(decimal), n) == expected
+    assert cggr_fn.capacity(n, ratio=float(decimal)) == expected
     # A tensor ratio gives the same k on-device: float64 at any n, float32 where
     # its 24-bit mantissa can tell k from its neighbours.
     if n <= 2_000_002:
         scores = torch.zeros(n)
-        assert int(cggr_fn.select(scores, torch.tensor(float(decimal), dtype=torch.float64)).sum()) == expected
+        assert int(cggr_fn.select(scores, ratio=torch.tensor(float(decimal), dtype=torch.float64)).sum()) == expected
         if n == 10:
-            assert int(cggr_fn.select(scores, torch.tensor(float(decimal))).sum()) == expected
+            assert int(cggr_fn.select(scores, ratio=torch.tensor(float(decimal))).sum()) == expected
 
 
 def test_capacity_ignores_float_rounding():
-    assert cggr_fn.capacity(0.3, 10) == 3  # 0.3 * 10 == 3.0000000000000004
-    assert cggr_fn.capacity(0.7, 10) == 7
-    assert cggr_fn.capacity(0.31, 10) == 4
+    assert cggr_fn.capacity(10, ratio=0.3) == 3  # 0.3 * 10 == 3.0000000000000004
+    assert cggr_fn.capacity(10, ratio=0.7) == 7
+    assert cggr_fn.capacity(10, ratio=0.31) == 4
 
 
 # ---------------------------------------------------------------- bucket
@@ -111,7 +111,8 @@ def test_bucket_sizes_tensor_step_agrees():
 
 @pytest.mark.parametrize("num_layers, num_buckets, expected", [(8, 4, [8, 6, 4, 2]), (6, 4, [6, 5, 3, 2]), (3, 4, [3, 3, 2, 1]), (5, 1, [5])])
 def test_bucket_depth(num_layers, num_buckets, expected):
-    depth = cggr_fn.bucket_depth(torch.arange(num_buckets), num_layers=num_layers, num_buckets=num_buckets)
+    scores = -torch.arange(num_buckets, dtype=torch.float32)  # after warmup: score b is in bucket b
+    depth = cggr_fn.bucket_depth(scores, 10, num_layers=num_layers, num_buckets=num_buckets, warmup_steps=10)
     assert depth.tolist() == expected
     assert depth.tolist() == [math.ceil(num_layers * (num_buckets - b) / num_buckets) for b in range(num_buckets)]
 
@@ -128,11 +129,11 @@ def reference_topk(scores, k):
 @given(scores=score_lists, ratio=ratios)
 def test_topk_selects_exactly_k_hardest(scores, ratio):
     n = len(scores)
-    k = cggr_fn.capacity(ratio, n)
-    mask = cggr_fn.select(torch.tensor(scores), ratio)
+    k = cggr_fn.capacity(n, ratio=ratio)
+    mask = cggr_fn.select(torch.tensor(scores), ratio=ratio)
     assert mask.shape == (n,) and mask.dtype == torch.bool
     assert set(torch.where(mask)[0].tolist()) == reference_topk(scores, k)
-    assert torch.equal(mask, cggr_fn.select(torch.tensor(scores), torch.tensor(ratio)))
+    assert torch.equal(mask, cggr_fn.select(torch.tensor(scores), ratio=torch.tensor(ratio)))
 
 
 @settings(max_examples=200)
@@ -140,8 +141,8 @@ def test_topk_selects_exactly_k_hardest(scores, ratio):
 def test_stratified_totals_k_and_spreads_over_strata(scores, ratio, strata, seed):
     x = torch.tensor(scores)
     n, allowed = len(scores), [i for i in reference_order(scores) if scores[i] != -INF]
-    k = cggr_fn.capacity(ratio, n)
-    mask = cggr_fn.select(x, ratio, strategy="stratified", num_strata=strata, seed=seed)
+    k = cggr_fn.capacity(n, ratio=ratio)
+    mask = cggr_fn.select(x, ratio=ratio, strategy="stratified", num_strata=strata, seed=seed)
     chosen = set(torch.where(mask)[0].tolist())
     assert len(chosen) == min(k, len(allowed)) and chosen <= set(allowed)
     # Every stratum that is large enough gets at least its equal share.
@@ -150,15 +151,15 @@ def test_stratified_totals_k_and_spreads_over_strata(scores, ratio, strata, seed
         share = k // strata + (s < k % strata)
         if len(members) >= share:
             assert len(chosen & set(members)) >= share
-    assert torch.equal(mask, cggr_fn.select(x, ratio, strategy="stratified", num_strata=strata, seed=torch.tensor(seed)))
+    assert torch.equal(mask, cggr_fn.select(x, ratio=ratio, strategy="stratified", num_strata=strata, seed=torch.tensor(seed)))
 
 
 def test_stratified_draws_depend_on_seed_not_only_difficulty():
     x = torch.linspace(0, 1, 400)
-    masks = [cggr_fn.select(x, 0.25, strategy="stratified", seed=s) for s in range(3)]
+    masks = [cggr_fn.select(x, ratio=0.25, strategy="stratified", seed=s) for s in range(3)]
     assert not torch.equal(masks[0], masks[1]) and not torch.equal(masks[1], masks[2])
-    assert not torch.equal(masks[0], cggr_fn.select(x, 0.25))  # not plain top-k
-    assert torch.equal(masks[0], cggr_fn.select(x, 0.25, strategy="stratified", seed=0))  # pure
+    assert not torch.equal(masks[0], cggr_fn.select(x, ratio=0.25))  # not plain top-k
+    assert torch.equal(masks[0], cggr_fn.select(x, ratio=0.25, strategy="stratified", seed=0))  # pure
 
 
 @settings(max_examples=200)
@@ -172,8 +173,8 @@ def test_sequence_aware_keeps_a_minimum_per_sequence(data, rows, cols, minimum):
     scores = data.draw(st.lists(score_values, min_size=rows * cols, max_size=rows * cols))
     x = torch.tensor(scores).reshape(rows, cols)
     ratio = data.draw(st.floats(max(1e-3, min(minimum, cols) / cols), 1.0))
-    k = cggr_fn.capacity(ratio, rows * cols)
-    mask = cggr_fn.select(x, ratio, strategy="sequence_aware", min_per_sequence=minimum)
+    k = cggr_fn.capacity(rows * cols, ratio=ratio)
+    mask = cggr_fn.select(x, ratio=ratio, strategy="sequence_aware", min_per_sequence=minimum)
     allowed = x != -INF
     assert int(mask.sum()) == min(k, int(allowed.sum()))
     assert not (mask & ~allowed).any()
@@ -185,7 +186,7 @@ def test_sequence_aware_keeps_a_minimum_per_sequence(data, rows, cols, minimum):
 
 def test_sequence_aware_rejects_an_impossible_minimum():
     with pytest.raises(ValueError, match="min_per_sequence: 4 sequences x 2 exceed the k=4"):
-        cggr_fn.select(torch.randn(4, 8), 0.125, strategy="sequence_aware", min_per_sequence=2)
+        cggr_fn.select(torch.randn(4, 8), ratio=0.125, strategy="sequence_aware", min_per_sequence=2)
 
 
 def test_nan_scores_are_selected_first_and_ignored_never():
@@ -193,22 +194,22 @@ def test_nan_scores_are_selected_first_and_ignored_never():
     # Stratified draws at random inside a stratum: with one token per stratum
     # the two hardest strata are the two NaNs.
     for strategy in ("topk", "stratified", "sequence_aware"):
-        mask = cggr_fn.select(x, 0.33, strategy=strategy, num_strata=5)
+        mask = cggr_fn.select(x, ratio=0.33, strategy=strategy, num_strata=5)
         assert mask.tolist() == [False, True, False, False, True, False], strategy
-        assert not cggr_fn.select(x, 1.0, strategy=strategy)[3]
+        assert not cggr_fn.select(x, ratio=1.0, strategy=strategy)[3]
 
 
 def test_fewer_selectable_than_k_selects_all_selectable():
     x = torch.tensor([-INF, 1.0, -INF, -INF])
-    assert cggr_fn.select(x, 1.0).tolist() == [False, True, False, False]
+    assert cggr_fn.select(x, ratio=1.0).tolist() == [False, True, False, False]
 
 
 @pytest.mark.parametrize("strategy", ["topk", "stratified", "sequence_aware"])
 def test_select_handles_empty_inputs(strategy):
-    assert cggr_fn.select(torch.zeros(2, 0), 0.5, strategy=strategy).shape == (2, 0)
+    assert cggr_fn.select(torch.zeros(2, 0), ratio=0.5, strategy=strategy).shape == (2, 0)
 
 
 def test_select_keeps_shape_for_higher_rank_inputs():
     x = torch.randn(2, 3, 5)
-    mask = cggr_fn.select(x, 0.5)
+    mask = cggr_fn.select(x, ratio=0.5)
     assert mask.shape == x.shape and int(mask.sum()) == 15

@@ -41,7 +41,7 @@ def test_normalisation_by_valid_keeps_per_token_gradient_independent_of_the_rati
     scores = torch.rand(20, generator=generator)
     dense = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, targets), logits)[0]
     for ratio in (0.25, 0.5, 1.0):
-        mask = cggr_fn.select(scores, ratio)
+        mask = cggr_fn.select(scores, ratio=ratio)
         by_valid = torch.autograd.grad(cggr_fn.selective_loss(logits, targets, mask, normalize="valid"), logits)[0]
         by_selected = torch.autograd.grad(cggr_fn.selective_loss(logits, targets, mask), logits)[0]
         torch.testing.assert_close(by_valid[mask], dense[mask])

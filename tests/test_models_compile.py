@@ -43,8 +43,7 @@ def test_routed_training_step_compiles_fullgraph(name: str) -> None:
     def step_fn(params: dict[str, torch.Tensor], ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
                 step: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         scores = token_scores(router(params, ids, attention_mask=mask), labels, attention_mask=mask)
-        buckets = cggr_fn.bucket(scores, step, num_buckets=4, warmup_steps=4)
-        depth = cggr_fn.bucket_depth(buckets, num_layers=forward.num_layers)
+        depth = cggr_fn.bucket_depth(scores, step, num_layers=forward.num_layers, num_buckets=4, warmup_steps=4)
 
         def loss(p: dict[str, torch.Tensor]) -> torch.Tensor:
             return lm_loss(forward(p, depth, input_ids=ids, attention_mask=mask).logits, labels, attention_mask=mask)

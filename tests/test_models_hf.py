@@ -295,7 +295,7 @@ def test_padding_never_selected_and_never_changes_real_scores(name: str) -> None
         expected = token_scores(router(params_of(model), alone), alone, causal=causal)
         torch.testing.assert_close(scores[row:row + 1, :length], expected)
         assert bool(torch.isneginf(scores[row, length:]).all())
-    selected = cggr_fn.select(scores, 1.0)
+    selected = cggr_fn.select(scores, ratio=1.0)
     assert not bool((selected & ~mask.bool()).any())
 
 

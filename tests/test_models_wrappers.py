@@ -195,7 +195,7 @@ def test_routing_mask_has_static_shape_and_skips_padding() -> None:
     ids, labels, mask = batch()
     out = routing_mask(router, params_of(model), ids, ratio=0.5, attention_mask=mask)
     assert isinstance(out, ScoredMask) and out.mask.shape == ids.shape and out.mask.dtype == torch.bool
-    assert int(out.mask.sum()) == cggr_fn.capacity(0.5, ids.numel())
+    assert int(out.mask.sum()) == cggr_fn.capacity(ids.numel(), ratio=0.5)
     assert not bool((out.mask & ~mask.bool()).any())
     torch.testing.assert_close(out.difficulty, token_scores(router(params_of(model), ids, attention_mask=mask),
                                                             attention_mask=mask))
@@ -205,4 +205,4 @@ def test_routing_mask_has_static_shape_and_skips_padding() -> None:
     assert int(full.mask.sum()) == int((lm_targets(labels, attention_mask=mask) != -100).sum())
     strat = routing_mask(router, params_of(model), ids, ratio=torch.tensor(0.25), strategy="stratified", seed=2,
                          model_kwargs={"position_ids": torch.arange(SEQ)[None]})
-    assert int(strat.mask.sum()) == cggr_fn.capacity(0.25, ids.numel())
+    assert int(strat.mask.sum()) == cggr_fn.capacity(ids.numel(), ratio=0.25)

@@ -85,7 +85,7 @@ def test_route_grad_forward_mode_scales_tangents():
 
 def test_depth_masks_follow_the_documented_rule():
     depth = torch.tensor([[0, 1, 2], [3, 4, 4]])
-    masks = cggr_fn.depth_masks(depth, 4)
+    masks = cggr_fn.depth_masks(depth, num_layers=4)
     assert len(masks) == 5
     for point, mask in enumerate(masks):
         for d, m in zip(depth.flatten().tolist(), mask.flatten().tolist()):

@@ -31,9 +31,9 @@ def cggr_loss(model, params, tokens, targets, step, strategy="topk"):
     """One CGGR objective: score on a no-grad pass, bucket + select, routed forward."""
     with torch.no_grad():
         scores = cggr_fn.score(torch.func.functional_call(model, params, (tokens,)), targets)
-    depth = cggr_fn.bucket_depth(cggr_fn.bucket(scores, step, num_buckets=3, warmup_steps=4), num_layers=3, num_buckets=3)
+    depth = cggr_fn.bucket_depth(scores, step, num_layers=3, num_buckets=3, warmup_steps=4)
     ratio = cggr_fn.ratio_schedule(step, warmup_steps=4, final_ratio=0.5)
-    mask = cggr_fn.select(scores, ratio, strategy=strategy, seed=step)
+    mask = cggr_fn.select(scores, ratio=ratio, strategy=strategy, seed=step)
     logits = torch.func.functional_call(model, params, (tokens,), {"depth": depth})
     return cggr_fn.selective_loss(logits, targets, mask, normalize="valid")
 
@@ -96,8 +96,8 @@ def test_vmap_over_score_bucket_select():
     buckets = torch.func.vmap(lambda s: cggr_fn.bucket(s, 7, num_buckets=2, warmup_steps=4))(scores)
     assert torch.equal(buckets[1], cggr_fn.bucket(scores[1], 7, num_buckets=2, warmup_steps=4))
     for strategy in ("topk", "stratified", "sequence_aware"):
-        masks = torch.func.vmap(lambda s: cggr_fn.select(s, 0.4, strategy=strategy))(scores)
-        assert torch.equal(masks[2], cggr_fn.select(scores[2], 0.4, strategy=strategy))
+        masks = torch.func.vmap(lambda s: cggr_fn.select(s, ratio=0.4, strategy=strategy))(scores)
+        assert torch.equal(masks[2], cggr_fn.select(scores[2], ratio=0.4, strategy=strategy))
 
 
 @pytest.fixture
@@ -130,8 +130,8 @@ def test_compiled_functions_with_inductor(problem):
         scores = cggr_fn.score(logits, targets, method="margin")
         return (
             cggr_fn.bucket(scores, step, warmup_steps=10),
-            cggr_fn.select(scores, cggr_fn.dynamic_ratio(ratio, cggr_fn.token_stats(logits).confidence)),
-            cggr_fn.selective_loss(logits, targets, cggr_fn.select(scores, 0.5)),
+            cggr_fn.select(scores, ratio=cggr_fn.dynamic_ratio(ratio, cggr_fn.token_stats(logits).confidence)),
+            cggr_fn.selective_loss(logits, targets, cggr_fn.select(scores, ratio=0.5)),
         )
 
     compiled = torch.compile(pipeline, fullgraph=True)
