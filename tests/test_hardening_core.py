@@ -25,6 +25,8 @@ SHAPE_CASES = {
     "select_stratified": lambda s: cggr_fn.select(s, ratio=0.3, strategy="stratified", seed=torch.tensor(2)),
     "select_sequence_aware": lambda s: cggr_fn.select(s, ratio=0.5, strategy="sequence_aware"),
     "depth_masks": lambda s: torch.stack(cggr_fn.depth_masks((s.abs() * 2).long(), num_layers=2)),
+    "dynamic_ratio": lambda s: cggr_fn.dynamic_ratio(torch.tensor(0.5), s.sigmoid(), valid=s > 0),
+    "route_depth": lambda s: cggr_fn.route_depth([torch.tanh, torch.sin], (s.abs() * 2).long())(s[..., None] * 2.0),
 }
 
 
@@ -164,9 +166,10 @@ def test_nan_ranks_before_inf():
     assert cggr_fn.bucket(torch.tensor([INF, NAN]), 10, num_buckets=2, warmup_steps=10).tolist() == [1, 0]
 
 
-def test_order_is_exact_across_the_float_range_with_ties_by_position():
-    big = torch.finfo(torch.float64).max
-    scores = torch.tensor([1.0, -INF, big, 0.0, INF, -0.0, NAN, -big, -NAN, 1e-310, 1.0], dtype=torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_order_is_exact_across_the_float_range_with_ties_by_position(dtype):
+    big, tiny = torch.finfo(dtype).max, torch.finfo(dtype).smallest_normal / 4  # tiny: a subnormal
+    scores = torch.tensor([1.0, -INF, big, 0.0, INF, -0.0, NAN, -big, -NAN, tiny, 1.0], dtype=dtype)
     hardest_first = [6, 8, 4, 2, 0, 10, 9, 3, 5, 7, 1]  # NaN of either sign, +inf, descending, -0.0 == 0.0
     order = [int(i) for i in torch.argsort(cggr_fn.bucket(scores, 10, num_buckets=11, warmup_steps=10), stable=True)]
     assert order == hardest_first
