@@ -35,6 +35,7 @@ import torch.utils._pytree as pytree
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 import cggr_fn
+from cggr_fn import _checks
 
 __all__ = [
     "VARIANTS",
@@ -110,7 +111,8 @@ class Variant:
     * ``"vmap"``: ``torch.func.vmap(fn)`` over a leading batch dim of size 2
       made by replicating every positional tensor argument; the first batch
       element is returned after checking the second equals it. Keyword
-      arguments and non-tensor arguments are not batched.
+      arguments and non-tensor arguments are not batched; random ops are an
+      error (``randomness="error"``).
     * ``"vjp"``: the floating outputs computed by ``torch.func.vjp`` over the
       floating positional tensor arguments; the pull-back of a fixed random
       cotangent is checked against ``torch.autograd.grad`` of the plain call.
@@ -148,14 +150,16 @@ class Variant:
         if self.name == "eager":
             return fn
         if self.name in ("compile", "dynamic"):
-            return _compiled(fn, self.backend, dynamic=self.name == "dynamic", what=f"variant {self.name!r}")
+            return _compiled(fn, self.backend, dynamic=self.name == "dynamic", what=f"variant {self.name!r}")[0]
         if self.name == "vmap":
             return lambda *args, **kwargs: _vmapped_call(fn, args, kwargs)
         return lambda *args, **kwargs: _vjp_call(fn, args, kwargs)
 
 
-def _compiled(fn: Callable[..., Any], backend: str, *, dynamic: bool | None, what: str) -> Callable[..., Any]:
-    """``fn`` compiled with ``fullgraph=True``; every call is checked for graph breaks and data-dependent ops."""
+def _compiled(
+    fn: Callable[..., Any], backend: str, *, dynamic: bool | None, what: str
+) -> tuple[Callable[..., Any], torch._dynamo.testing.CompileCounterWithBackend]:
+    """``fn`` compiled with ``fullgraph=True``, every call checked for graph breaks and data-dependent ops; and its compile counter."""
     counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
     compiled = torch.compile(fn, fullgraph=True, backend=counter, dynamic=dynamic)
 
@@ -172,8 +176,7 @@ def _compiled(fn: Callable[..., Any], backend: str, *, dynamic: bool | None, wha
             _check_no_data_dependence(graph, what)
         return out
 
-    run.compile_counter = counter  # type: ignore[attr-defined]
-    return run
+    return run, counter
 
 
 def _check_no_data_dependence(graph: torch.fx.GraphModule, what: str) -> None:
@@ -393,7 +396,7 @@ def assert_compiles(
     """
     _check_callable(fn)
     expected = fn(*args)
-    got = _compiled(fn, backend, dynamic=dynamic, what="assert_compiles")(*args)
+    got = _compiled(fn, backend, dynamic=dynamic, what="assert_compiles")[0](*args)
     _assert_same(got, expected, "assert_compiles: compiled result differs from eager", atol=atol, rtol=rtol)
 
 
@@ -446,8 +449,7 @@ def assert_max_recompiles(
     calls = list(inputs_seq)
     if not calls or not all(isinstance(args, tuple) for args in calls):
         raise TypeError("inputs_seq: expected a non-empty sequence of argument tuples, e.g. [(x0,), (x1,)]")
-    compiled = _compiled(fn, backend, dynamic=dynamic, what="assert_max_recompiles")
-    counter = compiled.compile_counter  # type: ignore[attr-defined]
+    compiled, counter = _compiled(fn, backend, dynamic=dynamic, what="assert_max_recompiles")
     compiling_calls = []
     for index, args in enumerate(calls):
         before = counter.frame_count
@@ -597,6 +599,7 @@ def assert_routed_gradients(
       ValueError: mask: expected a shape broadcastable to the leading dims of every floating output of fn; output has shape (3, 2), mask has shape (2,)
     """
     _check_callable(fn)
+    _checks.check_fraction(leak, "leak")
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         raise TypeError(f"mask: expected a boolean torch.Tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
     args, leaves = _float64_leaves(inputs, "inputs")
@@ -625,7 +628,7 @@ def assert_routed_gradients(
 
 
 def assert_depth_routed_gradients(
-    layers: Sequence[Callable[[torch.Tensor], torch.Tensor]],
+    layers: Iterable[Callable[[torch.Tensor], torch.Tensor]],
     depth: torch.Tensor,
     hidden: torch.Tensor,
     *,
@@ -646,7 +649,7 @@ def assert_depth_routed_gradients(
     cotangent.
 
     Args:
-      layers: layer functions ``hidden -> hidden``.
+      layers: layer functions ``hidden -> hidden`` (a list, an ``nn.ModuleList``...).
       depth: integer tensor of per-token depths in ``[0, len(layers)]``,
         shaped as ``hidden``'s leading (token) dims.
       hidden: the stack's input, e.g. ``(batch, seq, features)``.
@@ -668,10 +671,15 @@ def assert_depth_routed_gradients(
       >>> [g.shape for g in grads]
       [torch.Size([1, 4, 3]), torch.Size([3, 3]), torch.Size([3, 3])]
     """
-    if not isinstance(layers, Sequence) or not layers or not all(callable(layer) for layer in layers):
-        raise TypeError(f"layers: expected a non-empty sequence of callables, got {type(layers).__name__}")
+    try:
+        layers = list(layers)
+    except TypeError:
+        raise TypeError(f"layers: expected a non-empty sequence of callables, got {type(layers).__name__}") from None
+    if not layers or not all(callable(layer) for layer in layers):
+        raise TypeError("layers: expected a non-empty sequence of callables")
     if not isinstance(depth, torch.Tensor) or depth.is_floating_point() or depth.dtype == torch.bool:
         raise TypeError(f"depth: expected an integer tensor, got {getattr(depth, 'dtype', type(depth).__name__)}")
+    _checks.check_fraction(leak, "leak")
     if not _is_float(hidden):
         raise TypeError(f"hidden: expected a floating tensor, got {getattr(hidden, 'dtype', type(hidden).__name__)}")
     if depth.dim() > hidden.dim() or tuple(depth.shape) != tuple(hidden.shape[: depth.dim()]):

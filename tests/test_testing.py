@@ -192,12 +192,17 @@ def test_assert_depth_routed_gradients_catches_an_off_by_one_stack(monkeypatch):
 
 def test_assert_depth_routed_gradients_misuse_is_explained():
     layer = torch.nn.Linear(3, 3).double()
+    testing.assert_depth_routed_gradients(torch.nn.ModuleList([layer]), torch.tensor([1, 0]), torch.ones(2, 3), params=[layer.weight])
     with pytest.raises(TypeError, match="layers: expected a non-empty sequence of callables, got Linear"):
         testing.assert_depth_routed_gradients(layer, torch.tensor([1]), torch.ones(1, 3))
     with pytest.raises(ValueError, match=r"depth: expected the leading \(token\) dims of hidden, \(2, 3\), got shape \(3,\)"):
         testing.assert_depth_routed_gradients([layer], torch.tensor([1, 0, 1]), torch.ones(2, 3))
     with pytest.raises(TypeError, match=r"params\[0\]: expected a float64 tensor"):
         testing.assert_depth_routed_gradients([layer], torch.tensor([1, 0]), torch.ones(2, 3), params=[torch.ones(1)])
+    with pytest.raises(ValueError, match="leak: expected"):
+        testing.assert_depth_routed_gradients([layer], torch.tensor([1, 0]), torch.ones(2, 3), leak=2)
+    with pytest.raises(ValueError, match="leak: expected"):
+        testing.assert_routed_gradients(layer, torch.tensor([True, False]), torch.ones(2, 3), leak=-1)
 
 
 # ---------------------------------------------------------------- strategies
