@@ -216,6 +216,8 @@ def _vmapped_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
     return first
 
 
+# Gradients are the point of these checks: a caller's no_grad block must not make them vacuous.
+@torch.enable_grad()
 def _vjp_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     positions = [i for i, a in enumerate(args) if _is_float(a)]
     if not positions:
@@ -561,6 +563,7 @@ def _float64_leaves(inputs: Sequence[Any], name: str) -> tuple[list[Any], list[t
     return converted, leaves
 
 
+@torch.enable_grad()
 def assert_routed_gradients(
     fn: Callable[..., Any], mask: torch.Tensor, *inputs: Any, leak: float = 0.0, atol: float = 1e-12, rtol: float = 1e-10
 ) -> tuple[torch.Tensor, ...]:
@@ -627,6 +630,7 @@ def assert_routed_gradients(
     return got
 
 
+@torch.enable_grad()
 def assert_depth_routed_gradients(
     layers: Iterable[Callable[[torch.Tensor], torch.Tensor]],
     depth: torch.Tensor,
