@@ -11,7 +11,7 @@ import inspect
 import pathlib
 import sys
 
-MODULES = ("cggr_fn", "cggr_fn.models")
+MODULES = ("cggr_fn", "cggr_fn.models", "cggr_fn.testing")
 API_PATH = pathlib.Path(__file__).with_name("api.md")
 
 
@@ -19,6 +19,9 @@ def _entry(module_name: str, name: str, obj: object) -> str:
     doc = inspect.cleandoc(obj.__doc__ or "")
     if inspect.isclass(obj):
         heading = f"class {module_name}.{name}"
+    elif not callable(obj):
+        # A constant: its value is its documentation (a docstring would be its type's).
+        return f"### `{name}`\n\n```python\n{module_name}.{name} = {obj!r}\n```\n"
     else:
         signature = str(inspect.signature(obj)).replace("'", "")
         heading = f"{module_name}.{name}{signature}"

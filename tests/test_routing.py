@@ -1,4 +1,4 @@
-"""route_grad, depth_masks and route_depth against hand-masked float64 gradients."""
+"""route_grad, depth_masks and route_depth against hand-masked float64 gradients (the references of cggr_fn.testing)."""
 
 import collections
 
@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import cggr_fn
+from cggr_fn import testing
 
 
 @pytest.fixture(autouse=True)
@@ -24,23 +25,12 @@ def mlp(w1, w2):
 @pytest.mark.parametrize("leak", [0.0, 0.25, 1.0])
 def test_route_grad_gates_rows_exactly(leak):
     generator = torch.Generator().manual_seed(0)
-    x = torch.randn(3, 5, 4, generator=generator, requires_grad=True)
-    w1, w2 = (torch.randn(4, 4, generator=generator, requires_grad=True) for _ in range(2))
+    x = torch.randn(3, 5, 4, generator=generator)
+    w1, w2 = (torch.randn(4, 4, generator=generator) for _ in range(2))
     mask = torch.rand(3, 5, generator=generator) > 0.5
-    upstream = torch.randn(3, 5, 4, generator=generator)
-    fn = mlp(w1, w2)
-
-    routed_out = cggr_fn.route_grad(fn, mask, leak=leak)(x)
-    got = torch.autograd.grad(routed_out, (x, w1, w2), upstream)
-
-    plain_out = fn(x)
-    scale = torch.where(mask, 1.0, leak).unsqueeze(-1)
-    expected = torch.autograd.grad(plain_out, (x, w1, w2), upstream * scale)
-    assert torch.equal(routed_out, plain_out)
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
+    grad_x, _, _ = testing.assert_routed_gradients(lambda x, w1, w2: mlp(w1, w2)(x), mask, x, w1, w2, leak=leak)
     if leak == 0.0:
-        assert (got[0][~mask] == 0).all()
+        assert (grad_x[~mask] == 0).all()
 
 
 def test_route_grad_masked_rows_are_exactly_zero_even_for_nan_gradients():
@@ -104,32 +94,15 @@ def causal_mixing_layer(w):
     return layer
 
 
-def hand_routed_stack(weights, h, depth):
-    """The semantics written out plainly: token t's state entering layer i is a
-    constant unless layer i is among its top depth[t] layers (or t has full depth),
-    and its output is a constant if its depth is 0."""
-    num_layers = len(weights)
-    for i, w in enumerate(weights):
-        trains_below = (depth == num_layers) | (depth > num_layers - i)
-        h = torch.where(trains_below.unsqueeze(-1), h, h.detach())
-        h = causal_mixing_layer(w)(h)
-    return torch.where((depth > 0).unsqueeze(-1), h, h.detach())
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_route_depth_matches_hand_masked_reference(seed):
+@pytest.mark.parametrize("seed, leak", [(0, 0.0), (1, 0.0), (2, 0.0), (3, 0.3)])
+def test_route_depth_matches_hand_masked_reference(seed, leak):
     generator = torch.Generator().manual_seed(seed)
     num_layers = 4
-    weights = [torch.randn(6, 6, generator=generator, requires_grad=True) for _ in range(num_layers)]
-    embedding = torch.randn(2, 7, 6, generator=generator, requires_grad=True)
+    weights = [torch.randn(6, 6, generator=generator) for _ in range(num_layers)]
+    embedding = torch.randn(2, 7, 6, generator=generator)
     depth = torch.randint(0, num_layers + 1, (2, 7), generator=generator)
-    upstream = torch.randn(2, 7, 6, generator=generator)
-
-    stack = cggr_fn.route_depth([causal_mixing_layer(w) for w in weights], depth)
-    got = torch.autograd.grad(stack(embedding), [embedding, *weights], upstream)
-    expected = torch.autograd.grad(hand_routed_stack(weights, embedding, depth), [embedding, *weights], upstream)
-    for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, rtol=0, atol=1e-12)
+    layers = [causal_mixing_layer(w) for w in weights]
+    testing.assert_depth_routed_gradients(layers, depth, embedding, params=weights, leak=leak)
 
 
 def test_route_depth_full_depth_is_plain_training():

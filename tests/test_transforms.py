@@ -5,6 +5,7 @@ import torch
 import torch._dynamo.testing
 
 import cggr_fn
+from cggr_fn import testing
 
 VOCAB, HIDDEN, BATCH, SEQ = 11, 8, 3, 6
 
@@ -109,16 +110,10 @@ def compile_counter():
 
 
 @pytest.mark.parametrize("strategy", ["topk", "stratified", "sequence_aware"])
-def test_compiled_grad_of_the_step_has_no_graph_break_and_no_recompile_per_step(problem, compile_counter, strategy):
+def test_compiled_grad_of_the_step_has_no_graph_break_and_no_recompile_per_step(problem, strategy):
     model, params, tokens, targets = problem
     grad_fn = torch.func.grad(lambda p, step: cggr_loss(model, p, tokens, targets, step, strategy))
-    compiled = torch.compile(grad_fn, backend=compile_counter, fullgraph=True)
-    for step in range(6):
-        got = compiled(params, torch.tensor(step))
-        expected = reference_grads(model, params, tokens, targets, torch.tensor(step), strategy)
-        for name, value in expected.items():
-            torch.testing.assert_close(got[name], value)
-    assert compile_counter.frame_count == 1
+    testing.assert_max_recompiles(grad_fn, 1, [(params, torch.tensor(step)) for step in range(6)])
 
 
 def test_compiled_functions_with_inductor(problem):
