@@ -15,7 +15,8 @@ users get:
    that environment's site-packages), with ``__version__`` equal to the
    wheel's version and ``py.typed`` next to it.
 
-It exits non-zero with a message naming the first check that fails.
+It exits non-zero with a message naming the first check that fails. It needs
+Python >= 3.11 (``tomllib``), as CI has; the library itself supports 3.10.
 """
 
 from __future__ import annotations
@@ -86,28 +87,28 @@ def build_wheel(dist: pathlib.Path) -> pathlib.Path:
 
 
 def check_wheel_contents(wheel: pathlib.Path, project: dict) -> None:
-    names = set(zipfile.ZipFile(wheel).namelist())
     tracked = git_files(PACKAGE)
     if f"{PACKAGE}/py.typed" not in tracked:
         fail(f"{PACKAGE}/py.typed is not tracked by git")
-    missing = sorted(set(tracked) - names)
-    if missing:
-        fail(f"the wheel lacks tracked package files: {missing}")
-    dist_info = {name.split("/")[0] for name in names if name.split("/")[0].endswith(".dist-info")}
-    if len(dist_info) != 1:
-        fail(f"expected one .dist-info directory in the wheel, found {sorted(dist_info)}")
-    (dist_info,) = dist_info
-    stray = sorted(name for name in names if name.split("/")[0] not in (PACKAGE, dist_info))
-    if stray:
-        fail(f"the wheel holds files outside {PACKAGE}/: {stray}")
-    if f"{dist_info}/licenses/LICENSE" not in names:
-        fail(f"the wheel lacks {dist_info}/licenses/LICENSE")
-    metadata = email.message_from_bytes(zipfile.ZipFile(wheel).read(f"{dist_info}/METADATA"))
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        missing = sorted(set(tracked) - names)
+        if missing:
+            fail(f"the wheel lacks tracked package files: {missing}")
+        dist_info = {name.split("/")[0] for name in names if name.split("/")[0].endswith(".dist-info")}
+        if len(dist_info) != 1:
+            fail(f"expected one .dist-info directory in the wheel, found {sorted(dist_info)}")
+        (dist_info,) = dist_info
+        stray = sorted(name for name in names if name.split("/")[0] not in (PACKAGE, dist_info))
+        if stray:
+            fail(f"the wheel holds files outside {PACKAGE}/: {stray}")
+        if f"{dist_info}/licenses/LICENSE" not in names:
+            fail(f"the wheel lacks {dist_info}/licenses/LICENSE")
+        metadata = email.message_from_bytes(archive.read(f"{dist_info}/METADATA"))
     expected = {"Version": project["version"], "License-Expression": project["license"]}
     for field, value in expected.items():
         if metadata[field] != value:
             fail(f"wheel METADATA {field}: expected {value!r} (pyproject.toml), got {metadata[field]!r}")
-
 
 def git_files(*paths: str) -> list[str]:
     """Tracked files that exist in the working tree (uncommitted edits included, deletions honoured)."""

@@ -20,9 +20,9 @@ from cggr_fn._stats import TokenStats, token_stats
 try:
     __version__ = _metadata.version("cggr-fn")
 except _metadata.PackageNotFoundError:
-    # Imported from a source tree that was never installed: there is no release
-    # to name, so say so (PEP 440 local version, below every release) rather than
-    # repeat a number from pyproject.toml that this copy may not match.
+    # Imported from a source tree that was never installed: no metadata names
+    # this copy's version, so say so (a PEP 440 version below every release)
+    # rather than guess one.
     __version__ = "0+unknown"
 
 __all__ = [
