@@ -5,6 +5,8 @@ an explicit curriculum step, select fixed-size token sets, and route gradients s
 easy tokens train only the top of the network while hard tokens train all of it.
 """
 
+from importlib import metadata as _metadata
+
 from cggr_fn._bucketing import bucket, bucket_depth, bucket_sizes
 from cggr_fn._checks import checking
 from cggr_fn._curriculum import dynamic_ratio, ratio_schedule
@@ -14,6 +16,14 @@ from cggr_fn._routing import depth_masks, route_depth, route_grad
 from cggr_fn._scoring import score
 from cggr_fn._selection import select
 from cggr_fn._stats import TokenStats, token_stats
+
+try:
+    __version__ = _metadata.version("cggr-fn")
+except _metadata.PackageNotFoundError:
+    # Imported from a source tree that was never installed: no metadata names
+    # this copy's version, so say so (a PEP 440 version below every release)
+    # rather than guess one.
+    __version__ = "0+unknown"
 
 __all__ = [
     "TokenStats",
