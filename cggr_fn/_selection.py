@@ -30,6 +30,9 @@ def select(
     are always trained on and show in the loss. Ties break by position
     (earlier first). The mask's shape is static; nothing synchronises with the
     host, also for a 0-d tensor ``ratio`` (then ``k`` is computed on-device).
+    The same scores give bitwise the same mask on every device (a stable sort,
+    then integer arithmetic); scores of the same logits computed on different
+    devices agree only within the tolerance that :class:`TokenStats` states.
 
     Strategies:
       * ``"topk"``: the ``k`` hardest.
