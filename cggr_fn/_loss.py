@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from cggr_fn import _checks
+from cggr_fn._stats import nll_and_logsumexp
 
 NORMALIZATIONS = ("selected", "valid")
 
@@ -31,21 +32,26 @@ def selective_loss(
       value shrinks with the ratio instead).
 
     A denominator of 0 (nothing selected or labelled) gives a loss of 0 with
-    zero gradient. Computed in float32 whatever the logits dtype. A labelled
-    row whose nll is NaN (NaN or ``+inf`` logits, an out-of-range target)
-    makes the loss NaN even when it is not selected, so broken logits are
-    never hidden; :func:`cggr_fn.checking` raises on them instead. Rows whose
-    target is ``ignore_index`` are not looked at.
+    zero gradient. Computed in float32, or float64 for float64 logits (the
+    nll is :class:`cggr_fn.TokenStats`' own definition). The loss is NaN
+    whenever its gradient could be: a row without a distribution (NaN or
+    ``+inf`` logits, or only ``-inf``) makes it NaN whether it is selected,
+    unselected or ignored, and so does a labelled row with an out-of-range
+    target, so broken logits are never hidden behind a finite loss;
+    :func:`cggr_fn.checking` raises on them instead. A target that is a
+    ``-inf`` class of a valid row has nll ``+inf``: the loss is ``+inf`` if that
+    row is selected and unaffected (with a finite gradient) otherwise.
 
     Args:
       logits: ``(..., vocab)`` floating tensor.
       targets: integer tensor of shape ``logits.shape[:-1]``.
-      mask: boolean tensor of shape ``logits.shape[:-1]``, e.g. from :func:`select`.
+      mask: boolean tensor of shape ``logits.shape[:-1]`` on the logits'
+        device, e.g. from :func:`select`.
       ignore_index: target value of positions without a label.
       normalize: ``"selected"`` or ``"valid"``.
 
     Returns:
-      A 0-d float32 tensor.
+      A 0-d tensor, float32 or float64 for float64 logits.
 
     Example:
       >>> import torch, cggr_fn
@@ -56,31 +62,27 @@ def selective_loss(
       tensor(1.4100)
       >>> cggr_fn.selective_loss(logits, targets, mask, normalize="valid")  # ... / 3
       tensor(0.9400)
+      >>> big = torch.tensor([[1e8, 1e8 + 1, 1e8 - 1]], dtype=torch.float64)
+      >>> cggr_fn.selective_loss(big, torch.tensor([0]), torch.tensor([True]))
+      tensor(1.4076, dtype=torch.float64)
     """
     _checks.check_logits(logits)
     _checks.check_targets(targets, logits, ignore_index)
     _checks.check_mask(mask)
     if mask.shape != targets.shape:
         raise ValueError(f"mask: expected shape {tuple(targets.shape)} (logits.shape[:-1]), got {tuple(mask.shape)}")
+    if mask.device != logits.device:
+        raise ValueError(f"mask: expected device {logits.device} (the logits' device), got {mask.device}")
     if normalize not in NORMALIZATIONS:
         raise ValueError(f"normalize: expected one of {NORMALIZATIONS}, got {normalize!r}")
-    nll = token_nll(logits, targets, ignore_index)
+    nll, logsumexp = nll_and_logsumexp(logits, targets, ignore_index)
     labelled = targets != ignore_index
     trained = mask & labelled
     denominator = (trained if normalize == "selected" else labelled).sum().clamp_min(1)
     loss = torch.where(trained, nll, 0.0).sum() / denominator
-    # Adds exactly 0, or NaN if any labelled row is broken (an unselected row
-    # whose target has probability 0 has nll = +inf, which is legitimate).
-    broken = (labelled & torch.isnan(nll.detach())).any()
+    # Adds exactly 0, or NaN where a row's gradient could be NaN (its
+    # logsumexp is NaN, and its backward multiplies even a zero upstream
+    # gradient by NaN) or a label is out of range. An nll of +inf is not
+    # broken: its row is valid and its gradient finite.
+    broken = (torch.isnan(logsumexp) | torch.isnan(nll)).any()
     return loss + torch.where(broken, float("nan"), 0.0)
-
-
-def token_nll(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Differentiable float32 ``-log p[target]``; 0 where ignored, NaN where out of range."""
-    x = logits.float()
-    vocab = x.shape[-1]
-    in_range = (targets >= 0) & (targets < vocab)
-    safe = torch.where(in_range, targets, 0).long()
-    target_logit = x.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    nll = torch.where(in_range, torch.logsumexp(x, dim=-1) - target_logit, float("nan"))
-    return torch.where(targets != ignore_index, nll, 0.0)

@@ -44,6 +44,13 @@ def score(
     A NaN score (a row with NaN or ``+inf`` logits, an out-of-range target
     under ``"loss"``) is never hidden: selection ranks it as the hardest.
 
+    Scores inherit the precision statement of :class:`TokenStats`: the same
+    logits on the same path give bitwise the same scores run after run, the
+    CUDA kernel and the reference agree within that tolerance, so tokens whose
+    scores lie within it of each other may rank in a different order on the
+    two paths. Given the same scores, :func:`select` and :func:`bucket` are
+    bitwise identical on every device.
+
     Args:
       logits: ``(..., vocab)`` floating tensor.
       targets: optional integer tensor of shape ``logits.shape[:-1]``.
@@ -51,7 +58,8 @@ def score(
       ignore_index: target value that marks a position without a label.
 
     Returns:
-      A float32 tensor of shape ``logits.shape[:-1]``, detached.
+      A detached tensor of shape ``logits.shape[:-1]``, float32 or float64
+      for float64 logits.
 
     Example:
       >>> import torch, cggr_fn
@@ -60,6 +68,8 @@ def score(
       tensor([0.0133, 0.5777, 0.6667])
       >>> cggr_fn.score(logits, torch.tensor([0, 1, -100]), method="loss")
       tensor([0.0134, 0.8620,   -inf])
+      >>> cggr_fn.score(logits.double()).dtype
+      torch.float64
     """
     if isinstance(method, str):
         if method not in _METHODS:
@@ -78,7 +88,7 @@ def score(
         raise ValueError(f"method: the callable must return a tensor of shape {tuple(stats.entropy.shape)}, got {got}")
     if not scores.is_floating_point():
         raise TypeError(f"method: the callable must return a floating-point tensor, got dtype {scores.dtype}")
-    scores = scores.detach().float()
+    scores = scores.detach().to(stats.entropy.dtype)
     if targets is not None:
         scores = torch.where(targets == ignore_index, UNSELECTABLE, scores)
     return scores

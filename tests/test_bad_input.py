@@ -84,6 +84,8 @@ CASES = [
     # loss
     (lambda: cggr_fn.selective_loss(LOGITS, TARGETS, MASK[0]), ValueError, r"mask: expected shape \(2, 3\)"),
     (lambda: cggr_fn.selective_loss(LOGITS, TARGETS, MASK.long()), TypeError, r"mask: expected dtype torch.bool"),
+    (lambda: cggr_fn.selective_loss(LOGITS, TARGETS, MASK.to("meta")), ValueError, r"mask: expected device cpu \(the logits' device\), got meta"),
+    (lambda: cggr_fn.token_stats(LOGITS, TARGETS.to("meta")), ValueError, r"targets: expected device cpu \(the logits' device\), got meta"),
     (lambda: cggr_fn.selective_loss(LOGITS, TARGETS, MASK, normalize="batch"), ValueError, r"normalize: expected one of \('selected', 'valid'\)"),
 ]
 

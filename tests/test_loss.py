@@ -22,7 +22,7 @@ def reference_loss(logits, targets, mask, normalize, ignore_index=-100):
 
 
 @pytest.mark.parametrize("normalize", ["selected", "valid"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_selective_loss_matches_reference(normalize, dtype):
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 6, 10, generator=generator).to(dtype)
@@ -30,8 +30,9 @@ def test_selective_loss_matches_reference(normalize, dtype):
     targets[1, :2] = -100
     mask = torch.rand(3, 6, generator=generator) > 0.4
     loss = cggr_fn.selective_loss(logits, targets, mask, normalize=normalize)
-    assert loss.dtype == torch.float32 and loss.dim() == 0
-    assert float(loss) == pytest.approx(reference_loss(logits, targets, mask, normalize), rel=1e-5)
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and loss.dim() == 0
+    rel = 1e-12 if dtype == torch.float64 else 1e-5
+    assert float(loss) == pytest.approx(reference_loss(logits, targets, mask, normalize), rel=rel)
 
 
 def test_normalisation_by_valid_keeps_per_token_gradient_independent_of_the_ratio():
@@ -78,10 +79,75 @@ def test_an_impossible_unselected_target_does_not_poison_the_loss():
     assert float(loss) == pytest.approx(float(torch.logsumexp(logits[1], 0) - 3.0))
 
 
-def test_nan_in_an_ignored_row_is_not_looked_at():
-    logits = torch.tensor([[float("nan"), 0.0], [1.0, 2.0]])
+def test_nan_in_an_ignored_row_makes_the_loss_nan():
+    """Its gradient is NaN (logsumexp's backward multiplies a zero upstream
+    gradient by NaN), so a finite loss would hide it."""
+    logits = torch.tensor([[float("nan"), 0.0], [1.0, 2.0]], requires_grad=True)
     loss = cggr_fn.selective_loss(logits, torch.tensor([-100, 1]), torch.tensor([False, True]))
-    assert math.isfinite(float(loss))
+    assert torch.isnan(loss)
+
+
+def test_an_unselected_inf_row_makes_the_loss_nan():
+    """The issue's repro: the loss was 0.3133 with a NaN gradient."""
+    x = torch.tensor([[float("inf"), 0.0], [1.0, 0.0]], requires_grad=True)
+    loss = cggr_fn.selective_loss(x, torch.tensor([1, 0]), torch.tensor([False, True]))
+    assert torch.isnan(loss)
+
+
+INF, NAN = float("inf"), float("nan")
+# Rows with and without a distribution, each tried selected, unselected and ignored.
+SPECIAL_ROWS = [
+    [INF, 0.0, 1.0],
+    [NAN, 0.0, 1.0],
+    [-INF, -INF, -INF],
+    [INF, -INF, 0.0],
+    [-INF, 2.0, 2.0],  # valid: -inf is a probability-zero class
+    [1e30, -1e30, 0.0],  # valid and finite, far apart
+]
+
+
+@pytest.mark.parametrize("normalize", ["selected", "valid"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("row", SPECIAL_ROWS, ids=str)
+@pytest.mark.parametrize("role", ["selected", "unselected", "ignored"])
+@pytest.mark.parametrize("target", [0, 1])
+def test_loss_is_never_finite_beside_a_nan_gradient(normalize, dtype, row, role, target):
+    logits = torch.tensor([row, [0.5, -1.0, 2.0]], dtype=dtype, requires_grad=True)
+    targets = torch.tensor([-100 if role == "ignored" else target, 2])
+    mask = torch.tensor([role == "selected", True])
+    loss = cggr_fn.selective_loss(logits, targets, mask, normalize=normalize)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert torch.isnan(loss) or not torch.isnan(grad).any(), (float(loss), grad)
+
+
+@pytest.mark.parametrize("row", SPECIAL_ROWS, ids=str)
+@pytest.mark.parametrize("target", [0, 1, 3])
+def test_the_loss_nll_is_the_token_stats_nll(row, target):
+    """One definition: a single selected row's loss is exactly its TokenStats nll."""
+    logits = torch.tensor([row])
+    targets = torch.tensor([target])
+    nll = cggr_fn.token_stats(logits, targets).nll
+    loss = cggr_fn.selective_loss(logits, targets, torch.tensor([True]))
+    torch.testing.assert_close(loss, nll[0], equal_nan=True, rtol=0, atol=0)
+
+
+def test_float64_stays_float64():
+    """The issue's repro: float32 rounding made this loss 0.0."""
+    logits = torch.tensor([[1e8, 1e8 + 1, 1e8 - 1]], dtype=torch.float64, requires_grad=True)
+    loss = cggr_fn.selective_loss(logits, torch.tensor([0]), torch.tensor([True]))
+    want = torch.nn.functional.cross_entropy(logits.detach() - 1e8, torch.tensor([0]))
+    assert loss.dtype == torch.float64 and loss.item() == pytest.approx(want.item(), rel=1e-7)  # 1e8 has an ulp of 1.5e-8
+    assert loss.item() == pytest.approx(1.4076, abs=1e-4)
+    (grad,) = torch.autograd.grad(loss, logits)
+    assert grad.dtype == torch.float64
+    torch.testing.assert_close(grad, torch.softmax(logits.detach() - 1e8, -1) - torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_narrower_dtypes_compute_in_float32(dtype):
+    logits = torch.randn(3, 5).to(dtype)
+    loss = cggr_fn.selective_loss(logits, torch.tensor([0, 1, 2]), torch.ones(3, dtype=torch.bool))
+    assert loss.dtype == torch.float32
 
 
 def test_out_of_range_target_gives_nan_loss():

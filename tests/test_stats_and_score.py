@@ -8,7 +8,11 @@ import torch
 import cggr_fn
 
 INF, NAN = float("inf"), float("nan")
-TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 1e-5, torch.float16: 1e-5}
+
+
+def compute_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def reference_stats(logits, targets=None, ignore_index=-100):
@@ -44,8 +48,37 @@ def test_token_stats_matches_float64_reference(dtype, shape):
     stats = cggr_fn.token_stats(logits, targets)
     expected = reference_stats(logits, targets)  # from the same rounded inputs
     for name, value in stats._asdict().items():
-        assert value.dtype == torch.float32 and value.shape == shape[:-1], name
-        torch.testing.assert_close(value.double(), expected[name], atol=TOLERANCE[dtype], rtol=1e-5, msg=name)
+        assert value.dtype == compute_dtype(dtype) and value.shape == shape[:-1], name
+        rtol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(value.double(), expected[name], atol=TOLERANCE[dtype], rtol=rtol, msg=name)
+
+
+def test_float64_logits_keep_float64_precision():
+    """The issue's repro: in float32 these logits all round to 1e8 and the nll to log(3)."""
+    logits = torch.tensor([[1e8, 1e8 + 1, 1e8 - 1]], dtype=torch.float64)
+    stats = cggr_fn.token_stats(logits, torch.tensor([0]))
+    shifted = logits - 1e8
+    assert all(value.dtype == torch.float64 for value in stats)
+    torch.testing.assert_close(stats.nll, -torch.log_softmax(shifted, -1)[:, 0], rtol=1e-7, atol=0)
+    torch.testing.assert_close(stats.confidence, torch.softmax(shifted, -1).amax(-1), rtol=1e-7, atol=0)
+    for method in ("entropy", "confidence", "margin", "loss", "combined"):
+        scores = cggr_fn.score(logits, torch.tensor([0]), method=method)
+        assert scores.dtype == torch.float64, method
+    torch.testing.assert_close(cggr_fn.score(logits, torch.tensor([0]), method="loss"), stats.nll)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_16_bit_logits_give_float32(dtype):
+    stats = cggr_fn.token_stats(torch.randn(2, 5).to(dtype), torch.tensor([0, 1]))
+    assert all(value.dtype == torch.float32 for value in stats)
+    assert cggr_fn.score(torch.randn(2, 5).to(dtype)).dtype == torch.float32
+
+
+def test_each_path_is_deterministic_run_to_run():
+    logits = torch.randn(6, 40, generator=torch.Generator().manual_seed(2))
+    first, second = cggr_fn.token_stats(logits, torch.arange(6)), cggr_fn.token_stats(logits, torch.arange(6))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert torch.equal(cggr_fn.score(logits), cggr_fn.score(logits))
 
 
 def test_token_stats_without_targets_gives_nan_nll():
@@ -123,6 +156,7 @@ def test_score_methods(method, expected):
     reference = expected(reference_stats(logits, targets))
     labelled = targets != -100
     assert scores.dtype == torch.float32 and not scores.requires_grad
+    assert cggr_fn.score(logits.double(), targets, method=method).dtype == torch.float64
     torch.testing.assert_close(scores[labelled].double(), reference[labelled], atol=1e-5, rtol=1e-5)
     assert torch.isneginf(scores[~labelled]).all()
 
@@ -142,3 +176,22 @@ def test_nan_logits_give_nan_score():
     logits[1, 2] = NAN
     scores = cggr_fn.score(logits)
     assert torch.isnan(scores[1]) and torch.isfinite(scores[[0, 2]]).all()
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def test_selection_given_the_same_scores_is_identical_on_every_device():
+    """Ranking is integer work on a stable sort, so the same scores select and
+    bucket the same tokens on any device (on a CPU-only run both sides are the
+    CPU; benchmarks/check_token_stats_gpu.py checks CUDA against CPU)."""
+    scores = torch.randn(4, 50, generator=torch.Generator().manual_seed(3)).round(decimals=1)  # many ties
+    scores[0, :6] = torch.tensor([NAN, INF, -INF, 0.0, -0.0, NAN])
+    scores[1, ::7] = -INF
+    on_device = scores.to(DEVICE)
+    for options in ({"strategy": "topk"}, {"strategy": "stratified", "seed": 5}, {"strategy": "sequence_aware"}):
+        want = cggr_fn.select(scores, ratio=0.3, **options)
+        assert torch.equal(cggr_fn.select(on_device, ratio=0.3, **options).cpu(), want), options
+    for step in (0, 7, 10):
+        want = cggr_fn.bucket(scores, step, num_buckets=3, warmup_steps=10)
+        assert torch.equal(cggr_fn.bucket(on_device, step, num_buckets=3, warmup_steps=10).cpu(), want)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from cggr_fn._stats import KERNEL_DTYPES
 from cggr_fn.kernels import token_stats as _kernel
 
 _Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
@@ -79,7 +80,10 @@ def fused_token_stats(logits: torch.Tensor, targets: torch.Tensor | None, ignore
     tests; without the interpreter Triton has no CPU backend).
 
     Args:
-      logits: floating ``(..., vocab)`` tensor; the last dim is read in place
+      logits: float32, bfloat16 or float16 ``(..., vocab)`` tensor (the kernel
+        computes in float32, so float64 is refused rather than silently
+        rounded; :func:`cggr_fn.token_stats` takes float64 to the float64
+        reference instead); the last dim is read in place
         when it has stride 1, whatever the strides of a (batch, seq) pair of
         leading dims (``logits[:, :-1]`` is not copied).
       targets: integer tensor of shape ``logits.shape[:-1]``, or None (nll is
@@ -91,6 +95,11 @@ def fused_token_stats(logits: torch.Tensor, targets: torch.Tensor | None, ignore
       shape ``logits.shape[:-1]``, constants with respect to any autograd or
       ``torch.func`` transform.
     """
+    if logits.dtype not in KERNEL_DTYPES:
+        raise TypeError(
+            f"logits: the fused kernel computes in float32 and takes {', '.join(map(str, KERNEL_DTYPES))}, "
+            f"got {logits.dtype}; cggr_fn.token_stats computes float64 logits in float64 on any device"
+        )
     # Constants by definition: detaching here is what keeps the op free of
     # autograd and lets it run inside torch.func.grad / vjp / jvp.
     if targets is not None:
