@@ -10,7 +10,10 @@
    per-token depths by :func:`cggr_fn.models.depth_routed_forward`, gives the
    routed gradients, which the optimizer applies.
 
-The model is never modified and holds no routing state. It is a tiny
+The model is never modified and holds no routing state. For gradient
+checkpointing use ``loss.backward()`` instead (``hf_finetune_backward.py
+--checkpointing``): PyTorch's checkpoint does not run inside ``torch.func``
+transforms. It is a tiny
 random-init Llama (or GPT-2) trained on bytes of the embedded poetry sample,
 so the script runs offline on a CPU; swap in ``AutoModelForCausalLM`` and a
 tokenizer for a real fine-tune.

@@ -90,3 +90,25 @@ def test_hardest_sequence_step_compiles_fullgraph() -> None:
     torch.testing.assert_close(loss, expected_loss)
     for key in expected_grads:
         torch.testing.assert_close(grads[key], expected_grads[key], msg=key)
+
+
+def test_checkpointed_routed_forward_compiles_fullgraph() -> None:
+    # Checkpointing runs under autograd's own backward: compile the loss, call .backward().
+    torch._dynamo.reset()
+    model = build("llama").double().train()
+    forward = depth_routed_forward(model)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = {key: value.detach().clone().requires_grad_() for key, value in model.named_parameters()}
+    ids = torch.randint(3, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
+
+    def loss_fn(params: dict[str, torch.Tensor], depth: torch.Tensor) -> torch.Tensor:
+        return lm_loss(forward(params, depth, input_ids=ids).logits, ids)
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    for seed in (2, 3):
+        depth = torch.randint(0, LAYERS + 1, ids.shape, generator=torch.Generator().manual_seed(seed))
+        with torch._dynamo.config.patch(error_on_recompile=seed > 2):
+            grads = torch.autograd.grad(compiled(params, depth), list(params.values()), allow_unused=True)
+        expected = torch.autograd.grad(loss_fn(params, depth), list(params.values()), allow_unused=True)
+        for key, got, want in zip(params, grads, expected):
+            torch.testing.assert_close(got, want, msg=key)

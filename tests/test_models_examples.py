@@ -35,3 +35,9 @@ def test_backward_and_functional_depth_routing_agree() -> None:
     functional = [log.loss for log in hf_finetune_functional.main(TINY)]
     backward = hf_finetune_backward.main([*TINY, "--method", "depth"])
     assert functional == pytest.approx(backward, rel=1e-4)
+
+
+def test_backward_example_with_checkpointing_matches_without() -> None:
+    plain = hf_finetune_backward.main([*TINY, "--method", "depth"])
+    checkpointed = hf_finetune_backward.main([*TINY, "--method", "depth", "--checkpointing"])
+    assert checkpointed == pytest.approx(plain, rel=1e-5)

@@ -311,7 +311,9 @@ def test_left_padding_with_position_ids(name: str) -> None:
                           attention_mask=mask)
     alone = ids[1:, 3:]
     torch.testing.assert_close(scores[1:, 3:], token_scores(router(params_of(model), alone), alone))
-    assert bool(torch.isneginf(scores[1, :3]).all())
+    # The last pad position predicts the first real token (the model's loss counts
+    # that prediction), so it is scored; the pads before it predict padding.
+    assert bool(torch.isneginf(scores[1, :2]).all()) and bool(torch.isfinite(scores[1, 2]))
 
 
 # --------------------------------------------------------------------------- depth-routed forward
@@ -432,11 +434,87 @@ def test_routed_forward_leaves_the_model_untouched_and_honours_its_mode() -> Non
     torch.testing.assert_close(forward.module(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+@pytest.mark.parametrize("built_in", ["train", "eval"])
+def test_routed_forward_follows_the_mode_set_after_building(built_in: str) -> None:
+    # Falcon's decoder layer reads self.training itself (dropout_add(..., training=self.training)).
+    model = build("falcon", torch.float64, hidden_dropout=0.5).train(built_in == "train")
+    forward, ids = depth_routed_forward(model), ids_for()
+    depth = torch.full_like(ids, LAYERS)
+    model.eval()
+    torch.testing.assert_close(forward(params_of(model), depth, input_ids=ids).logits, model(input_ids=ids).logits)
+    model.train()
+    a = forward(params_of(model), depth, input_ids=ids).logits
+    assert not torch.allclose(a, forward(params_of(model), depth, input_ids=ids).logits)
+    assert all(layer.training for layer in forward.module.get_submodule(forward.parts.layers))
+    with pytest.raises(AttributeError, match="training: this view of a FalconForCausalLM follows the model's own setting"):
+        forward.module.eval()
 
-def test_gradient_checkpointing_is_refused_not_silently_wrong() -> None:
-    model = build("llama")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    with pytest.raises(ValueError, match="gradient checkpointing of the layers is not supported"):
-        depth_routed_forward(model)
+
+def layer_runs(model: nn.Module) -> list[int]:
+    """Counts of the runs of each layer, by a pre-hook on the model's own layers.
+
+    A pre-hook: non-reentrant checkpointing stops its recomputation as soon as
+    it has the tensors backward needs, before forward hooks would run.
+    """
+    counts = [0] * LAYERS
+    for index, layer in enumerate(model.get_submodule(detect_parts(model).layers)):
+        layer.register_forward_pre_hook(lambda m, a, i=index: counts.__setitem__(i, counts[i] + 1))
+    return counts
+
+
+def routed_backward(forward, model: nn.Module, params: dict[str, torch.Tensor], depth: torch.Tensor,  # noqa: ANN001
+                    ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    for p in params.values():
+        p.grad = None
+    loss_of(forward(params, depth, input_ids=ids).logits, ids, True).backward()
+    return {name: torch.zeros_like(p) if p.grad is None else p.grad.clone() for name, p in params.items()}
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_gradient_checkpointing_gives_the_routed_gradients(name: str, reentrant: bool) -> None:
+    model = build(name, torch.float64, **({"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+                                          if name == "gpt2" else {})).train()
+    forward, ids = depth_routed_forward(model), ids_for()  # built before checkpointing is enabled
+    depth = torch.randint(0, LAYERS + 1, ids.shape, generator=torch.Generator().manual_seed(3))
+    depth[0, 0], depth[1, 1] = 0, LAYERS
+    # Parameters other than the model's own tensors: the recomputation in backward must use these.
+    params = {key: (value.detach() * 1.25).requires_grad_() for key, value in model.named_parameters()}
+    expected = routed_backward(forward, model, params, depth, ids)
+    counts = layer_runs(model)  # registered after building: the view follows the model's hooks
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    grads = routed_backward(forward, model, params, depth, ids)
+    assert counts == [2] * LAYERS  # every layer ran again in backward: checkpointing is on
+    for key in expected:
+        torch.testing.assert_close(grads[key], expected[key], rtol=1e-9, atol=1e-12, msg=key)
+    bottom = [key for key in expected if ".0." in key and expected[key].abs().sum() > 0]
+    assert bottom  # some gradient reaches the bottom layer, so the comparison covers it
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
     model.gradient_checkpointing_disable()
-    depth_routed_forward(model)
+    assert routed_backward(forward, model, params, depth, ids).keys() == expected.keys()
+    assert counts == [3] * LAYERS  # disabled after building: no recomputation any more
+
+
+def test_gradient_checkpointing_inside_torch_func_raises_clearly() -> None:
+    model = build("llama", torch.float64).train()
+    forward, ids = depth_routed_forward(model), ids_for()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    with pytest.raises(RuntimeError, match="gradient checkpointing is enabled and this call runs inside a torch.func"):
+        torch.func.grad(lambda p: forward(p, torch.full_like(ids, LAYERS), input_ids=ids).logits.sum())(params_of(model))
+    # Outside a transform it runs; in eval mode nothing is checkpointed, and once
+    # Hugging Face's requires_grad_ hook on the embedding (added by
+    # gradient_checkpointing_enable, refused by torch.func) is removed, torch.func runs.
+    forward(params_of(model), torch.full_like(ids, LAYERS), input_ids=ids)
+    model.eval()
+    model.disable_input_require_grads()
+    torch.func.grad(lambda p: forward(p, torch.full_like(ids, LAYERS), input_ids=ids).logits.sum())(params_of(model))
+
+
+def test_router_stays_in_eval_mode_with_checkpointing_enabled() -> None:
+    model = build("llama", torch.float64, attention_dropout=0.5)
+    router = truncated_router(model, 2)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    torch.testing.assert_close(router(params_of(model), ids_for()), hand_truncated(model, 2)(input_ids=ids_for()).logits)

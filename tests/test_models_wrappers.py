@@ -53,9 +53,10 @@ def test_lm_targets_shift_and_padding() -> None:
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
     assert lm_targets(labels).tolist() == [[6, 7, 8, -100], [10, -100, -100, -100]]
     assert lm_targets(labels, causal=False).tolist() == labels.tolist()
-    # Padding is excluded even when its labels are real tokens.
+    # Padding targets are excluded even when their labels are real tokens; a pad
+    # position predicting a real token keeps its target, as in the model's own loss.
     assert lm_targets(torch.tensor([[5, 6, 7, 8]]), attention_mask=torch.tensor([[0, 1, 1, 0]])).tolist() == [
-        [-100, 7, -100, -100]
+        [6, 7, -100, -100]
     ]
     assert lm_targets(torch.tensor([[5, 6, 7]]), attention_mask=torch.tensor([[1, 0, 1]]), causal=False).tolist() == [
         [5, -100, 7]
@@ -106,42 +107,54 @@ def test_sequence_scores_and_hardest_sequences() -> None:
         hardest_sequences(scores, 0.0)
 
 
-def test_take_sequences() -> None:
+def test_take_sequences_gathers_exactly_the_per_token_tensors() -> None:
     ids = torch.arange(12).reshape(4, 3)
-    batch = {"input_ids": ids, "position_ids": torch.arange(3)[None], "flag": True}
-    out = take_sequences(batch, torch.tensor([3, 1]), batch_size=4)
-    assert out["input_ids"].tolist() == [[9, 10, 11], [3, 4, 5]]
+    batch = {"input_ids": ids, "position_ids": torch.arange(3)[None], "embeds": torch.ones(4, 3, 2), "flag": True}
+    out = take_sequences(batch, torch.tensor([3, 1]), batch_shape=ids.shape)
+    assert out["input_ids"].tolist() == [[9, 10, 11], [3, 4, 5]] and out["embeds"].shape == (2, 3, 2)
     assert out["position_ids"].tolist() == [[0, 1, 2]] and out["flag"] is True
-    # A non-batch tensor longer than the batch is not mistaken for the batch axis.
-    pair = {"input_ids": ids[:2], "cache_position": torch.arange(3)}
-    out = take_sequences(pair, torch.tensor([1]), batch_size=2)
+    # A 1-d tensor whose length equals the batch size is not the batch axis.
+    square = {"input_ids": torch.arange(9).reshape(3, 3), "cache_position": torch.arange(3)}
+    out = take_sequences(square, torch.tensor([1]), batch_shape=(3, 3))
     assert out["input_ids"].tolist() == [[3, 4, 5]] and out["cache_position"].tolist() == [0, 1, 2]
+    # Batch-leading but not (batch, seq): ambiguous, refused rather than guessed.
+    with pytest.raises(ValueError, match=r"batch: 'attention_mask' of shape \(4, 1, 3, 3\) starts with the batch dim"):
+        take_sequences({"input_ids": ids, "attention_mask": torch.ones(4, 1, 3, 3)}, torch.tensor([1]), batch_shape=(4, 3))
+    with pytest.raises(TypeError, match="batch_shape: expected the \\(batch, seq\\) shape"):
+        take_sequences({"input_ids": ids}, torch.tensor([1]), batch_shape=4)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="indices: expected a 1-d int64 tensor"):
-        take_sequences({"input_ids": ids}, torch.tensor([1.0]), batch_size=4)
+        take_sequences({"input_ids": ids}, torch.tensor([1.0]), batch_shape=(4, 3))
     with pytest.raises(TypeError, match="batch: expected a mapping"):
-        take_sequences([ids], torch.tensor([1]), batch_size=4)  # type: ignore[arg-type]
+        take_sequences([ids], torch.tensor([1]), batch_shape=(4, 3))  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- losses
 
 
-def test_lm_loss_equals_the_models_own_loss() -> None:
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_lm_loss_equals_the_models_own_loss(side: str) -> None:
     model = tiny_llama()
     ids, labels, mask = batch()
-    out = model(input_ids=ids, attention_mask=mask, labels=labels)
-    # float64 logits give a float64 loss; Hugging Face's loss upcasts to (and
-    # so rounds to) float32.
-    padded, unpadded = lm_loss(out.logits, labels, attention_mask=mask), lm_loss(out.logits, labels)
-    assert padded.dtype == unpadded.dtype == torch.float64
-    torch.testing.assert_close(padded.float(), out.loss)
-    torch.testing.assert_close(unpadded.float(), out.loss)
+    if side == "left":
+        ids, labels, mask = ids.flip(-1), labels.flip(-1), mask.flip(-1)
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids, labels=labels)
+    expected = out.loss.double()
+    torch.testing.assert_close(lm_loss(out.logits, labels, attention_mask=mask).double(), expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(lm_loss(out.logits, labels).double(), expected, rtol=1e-6, atol=1e-6)
+    # Positions scored and selectable are exactly the positions the loss trains.
+    scores = token_scores(out.logits, labels, attention_mask=mask, method="loss")
+    trained = lm_targets(labels, attention_mask=mask) != -100
+    assert torch.equal(~torch.isneginf(scores), trained)
+    torch.testing.assert_close(selective_lm_loss(out.logits, labels, ratio=1.0, attention_mask=mask).double(), expected,
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_selective_lm_loss_matches_a_hand_computation() -> None:
     logits = torch.randn(3, 6, 11, generator=torch.Generator().manual_seed(0), requires_grad=True)
     labels = torch.randint(0, 11, (3, 6), generator=torch.Generator().manual_seed(1))
     mask = torch.tensor([[1] * 6, [1, 1, 1, 1, 0, 0], [1] * 6])
-    loss = selective_lm_loss(logits, labels, 0.25, attention_mask=mask, method="loss")
+    loss = selective_lm_loss(logits, labels, ratio=0.25, attention_mask=mask, method="loss")
     # By hand: next-token nll of every real (position, target) pair, the ceil(0.25 * 18) = 5 largest, mean.
     nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), labels[:, 1:], reduction="none")
     valid = (mask[:, :-1] * mask[:, 1:]).bool()
@@ -151,16 +164,19 @@ def test_selective_lm_loss_matches_a_hand_computation() -> None:
     assert int((logits.grad.abs().sum(-1) > 0).sum()) == 5
     assert bool((logits.grad[1, 3:] == 0).all())  # no target or padding: never trained
     # ratio 1 = the dense loss; a tensor ratio works (dynamic ratio).
-    torch.testing.assert_close(selective_lm_loss(logits, labels, 1.0, attention_mask=mask),
+    torch.testing.assert_close(selective_lm_loss(logits, labels, ratio=1.0, attention_mask=mask),
                                lm_loss(logits, labels, attention_mask=mask))
-    torch.testing.assert_close(selective_lm_loss(logits, labels, torch.tensor(0.25), attention_mask=mask, method="loss"),
+    torch.testing.assert_close(selective_lm_loss(logits, labels, ratio=torch.tensor(0.25), attention_mask=mask, method="loss"),
                                expected)
+    # Every option is keyword-only, the ratio included.
+    with pytest.raises(TypeError, match="positional argument"):
+        selective_lm_loss(logits, labels, 0.25)  # type: ignore[misc]
 
 
 def test_selective_lm_loss_compiles_fullgraph() -> None:
     logits = torch.randn(2, 6, 11, generator=torch.Generator().manual_seed(0))
     labels = torch.randint(0, 11, (2, 6), generator=torch.Generator().manual_seed(1))
-    fn = lambda x, r: selective_lm_loss(x, labels, r, strategy="stratified", seed=3)  # noqa: E731
+    fn = lambda x, r: selective_lm_loss(x, labels, ratio=r, strategy="stratified", seed=3)  # noqa: E731
     torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="aot_eager")(logits, torch.tensor(0.5)),
                                fn(logits, torch.tensor(0.5)))
 
@@ -207,6 +223,38 @@ def test_routing_mask_has_static_shape_and_skips_padding() -> None:
     full = routing_mask(router, params_of(model), ids, ratio=1.0, labels=labels, attention_mask=mask)
     assert torch.equal(full.mask, ~torch.isneginf(full.difficulty))
     assert int(full.mask.sum()) == int((lm_targets(labels, attention_mask=mask) != -100).sum())
+    # Further model arguments are plain keywords.
+    position_ids = torch.arange(SEQ)[None]
     strat = routing_mask(router, params_of(model), ids, ratio=torch.tensor(0.25), strategy="stratified", seed=2,
-                         model_kwargs={"position_ids": torch.arange(SEQ)[None]})
-    assert int(strat.mask.sum()) == cggr_fn.capacity(ids.numel(), ratio=0.25)
+                         position_ids=position_ids)
+    assert int(strat.mask.sum()) == cggr_fn.capacity(num_tokens=ids.numel(), ratio=0.25)
+    torch.testing.assert_close(strat.difficulty, token_scores(router(params_of(model), ids, position_ids=position_ids)))
+
+
+def test_routing_mask_returns_the_statistics_to_log() -> None:
+    model = tiny_llama()
+    router = truncated_router(model, 2)
+    ids, labels, mask = batch()
+    out = routing_mask(router, params_of(model), ids, ratio=0.25, labels=labels, attention_mask=mask)
+    selectable = ~torch.isneginf(out.difficulty)
+    assert out.k.dtype == torch.int64 and out.k.dim() == 0 and int(out.k) == int(out.mask.sum())
+    assert int(out.k) == cggr_fn.capacity(num_tokens=ids.numel(), ratio=0.25)
+    torch.testing.assert_close(out.ratio, out.k.to(out.difficulty.dtype) / selectable.sum())
+    torch.testing.assert_close(out.mean_difficulty, out.difficulty[selectable].mean())
+    torch.testing.assert_close(out.threshold, out.difficulty[out.mask].min())
+    # topk: everything scoring above the threshold is selected.
+    assert bool(out.mask[out.difficulty > out.threshold].all())
+    assert all(isinstance(value, torch.Tensor) for value in out)
+
+
+def test_mask_statistics_edge_cases() -> None:
+    from cggr_fn.models._wrappers import _mask_statistics
+
+    nan = float("nan")
+    scores = torch.tensor([[nan, 3.0, 1.0, -INF]])
+    k, ratio, mean, threshold = _mask_statistics(scores, torch.tensor([[True, True, False, False]]))
+    assert int(k) == 2 and float(ratio) == pytest.approx(2 / 3) and torch.isnan(mean) and float(threshold) == 3.0
+    _, _, _, only_nan = _mask_statistics(scores, torch.tensor([[True, False, False, False]]))
+    assert torch.isnan(only_nan)
+    k, ratio, mean, threshold = _mask_statistics(torch.full((1, 3), -INF), torch.zeros(1, 3, dtype=torch.bool))
+    assert int(k) == 0 and float(ratio) == 0.0 and torch.isnan(mean) and torch.isposinf(threshold)

@@ -8,21 +8,20 @@ from typing import Any
 import torch
 from torch import nn
 from torch.func import functional_call
+from torch.nn.utils.stateless import _reparametrize_module
 
 from cggr_fn import _checks
 from cggr_fn._routing import depth_masks, gate
 from cggr_fn.models._common import check_model, default_kwargs, select_tensors, tensor_names
 from cggr_fn.models._detect import ModelParts, resolve_parts
-from cggr_fn.models._view import path_view, shallow_module_copy
+from cggr_fn.models._view import follower_class, follower_copy, path_view, source_of
 
 
 class _Gates:
-    """The gradient gates of the call in progress, read by the view's layer hooks.
+    """The gradient gates of the call in progress, read by the view's layers.
 
-    Hooks cannot be registered inside ``torch.compile`` (dynamo refuses the
-    handle bookkeeping), so they are registered once, on the view, and read the
-    call's gates from here. Each call sets the gates and clears them on exit, so
-    no state survives a call; the hooks are identities when no gates are set.
+    Each call sets the gates and clears them on exit, so no state survives a
+    call; the layers are ungated when no gates are set.
     """
 
     def __init__(self, leak: float) -> None:
@@ -30,39 +29,86 @@ class _Gates:
         self.leak = leak
 
 
-def _input_hook(gates: _Gates) -> Callable[[nn.Module, tuple[Any, ...], dict[str, Any]], Any]:
-    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        if gates.masks is None:
-            return None
-        if args:
-            return (gate(args[0], gates.masks[0], gates.leak), *args[1:]), kwargs
-        if "hidden_states" in kwargs:
-            return args, {**kwargs, "hidden_states": gate(kwargs["hidden_states"], gates.masks[0], gates.leak)}
-        raise TypeError(
-            f"model: the first layer ({type(module).__name__}) was called without a positional hidden state "
-            "or a hidden_states= keyword; cannot gate the stack's input"
-        )
-
-    return hook
+def _gate_input(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], mask: torch.Tensor,
+                leak: float) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    if args:
+        return (gate(args[0], mask, leak), *args[1:]), kwargs
+    if "hidden_states" in kwargs:
+        return args, {**kwargs, "hidden_states": gate(kwargs["hidden_states"], mask, leak)}
+    raise TypeError(
+        f"model: the first layer ({type(layer).__name__}) was called without a positional hidden state "
+        "or a hidden_states= keyword; cannot gate the stack's input"
+    )
 
 
-def _output_hook(gates: _Gates, point: int) -> Callable[[nn.Module, tuple[Any, ...], Any], Any]:
-    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        if gates.masks is None:
-            return None
-        mask = gates.masks[point]
-        # Decoder layers return the hidden state, or a tuple whose first element
-        # it is (attention weights, caches follow); only the hidden state is gated.
-        if isinstance(output, torch.Tensor):
-            return gate(output, mask, gates.leak)
-        if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-            return (gate(output[0], mask, gates.leak), *output[1:])
-        raise TypeError(
-            f"model: layer {point - 1} ({type(module).__name__}) returned a {type(output).__name__}; "
-            "expected the hidden state or a tuple starting with it"
-        )
+def _gate_output(layer: nn.Module, output: Any, point: int, mask: torch.Tensor, leak: float) -> Any:
+    # Decoder layers return the hidden state, or a tuple whose first element
+    # it is (attention weights, caches follow); only the hidden state is gated.
+    if isinstance(output, torch.Tensor):
+        return gate(output, mask, leak)
+    if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
+        return (gate(output[0], mask, leak), *output[1:])
+    raise TypeError(
+        f"model: layer {point - 1} ({type(layer).__name__}) returned a {type(output).__name__}; "
+        "expected the hidden state or a tuple starting with it"
+    )
 
-    return hook
+
+def _gated_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """The layer's own ``__call__`` between its gates.
+
+    The gates sit outside the layer's call, hence outside Hugging Face's
+    gradient-checkpointing region (``GradientCheckpointingLayer.__call__``
+    checkpoints ``nn.Module.__call__``): the recomputation in backward reruns
+    the layer alone, exactly as it ran in forward.
+    """
+    call = super(type(self), self).__call__
+    masks, leak, point = self._cggr_gates.masks, self._cggr_gates.leak, self._cggr_point
+    if masks is None:
+        return call(*args, **kwargs)
+    if point == 1:
+        args, kwargs = _gate_input(self, args, kwargs, masks[0], leak)
+    return _gate_output(self, call(*args, **kwargs), point, masks[point], leak)
+
+
+def _rebinding_checkpoint(self: nn.Module) -> Callable[..., Any]:
+    """The model's checkpoint function, made to recompute with the tensors of the call in progress.
+
+    The recomputation runs in backward, after :func:`torch.func.functional_call`
+    has put the model's own tensors back; without this it would silently
+    recompute with those instead of the ``params`` of the call. Under
+    ``torch.compile`` the checkpointed region is traced with its tensors as
+    explicit inputs, so there is nothing to rebind.
+    """
+    checkpoint = source_of(self)._gradient_checkpointing_func
+
+    def rebinding(function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return checkpoint(function, *args, **kwargs)
+        tensors = dict(self.named_parameters(remove_duplicate=False))
+        tensors.update(self.named_buffers(remove_duplicate=False))
+
+        def rebound(*inner_args: Any, **inner_kwargs: Any) -> Any:
+            with _reparametrize_module(self, tensors):
+                return function(*inner_args, **inner_kwargs)
+
+        return checkpoint(rebound, *args, **kwargs)
+
+    return rebinding
+
+
+_GATED_LAYER = {"__call__": _gated_call, "_gradient_checkpointing_func": property(_rebinding_checkpoint)}
+
+
+def _checkpointing(layer: nn.Module) -> bool:
+    return bool(getattr(layer, "gradient_checkpointing", False)) and layer.training
+
+
+def _inside_torch_func() -> bool:
+    # torch.func has no public query; this is the stack its transforms push.
+    # Dynamo cannot evaluate it while tracing; a compiled torch.func transform
+    # over a checkpointed call fails in PyTorch's own compilation instead.
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
 class DepthRoutedForward:
@@ -70,25 +116,35 @@ class DepthRoutedForward:
 
     Attributes:
       module: the view of the model that is called (it holds no tensor of its
-        own; its layer objects carry the gating hooks, the model's do not).
+        own and follows the model's mode and checkpointing settings; its layer
+        objects gate the gradient, the model's do not).
       num_layers: the number of layers in the stack (the full depth).
       parts: the :class:`ModelParts` of the model.
       leak: gradient scale where a gate is closed.
     """
 
-    def __init__(self, module: nn.Module, num_layers: int, parts: ModelParts, leak: float, gates: _Gates,
+    def __init__(self, module: nn.Module, layers: list[nn.Module], parts: ModelParts, leak: float, gates: _Gates,
                  defaults: dict[str, Any]) -> None:
         self.module = module
-        self.num_layers = num_layers
+        self.num_layers = len(layers)
         self.parts = parts
         self.leak = leak
+        self._layers = layers
         self._gates = gates
         self._names = tensor_names(module)
         self._defaults = defaults
 
     def __call__(self, params: dict[str, torch.Tensor], depth: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """The model's output with depth-routed gradients; see :func:`depth_routed_forward`."""
-        masks = depth_masks(depth, self.num_layers)
+        masks = depth_masks(depth, num_layers=self.num_layers)
+        if any(_checkpointing(layer) for layer in self._layers) and _inside_torch_func():
+            # PyTorch's checkpoint cannot run inside torch.func transforms (its
+            # saved-tensor hooks and its reentrant autograd.Function are refused).
+            raise RuntimeError(
+                "model: gradient checkpointing is enabled and this call runs inside a torch.func transform "
+                "(grad, vjp, ...), which PyTorch's checkpoint does not support; compute the gradients with "
+                "loss.backward() or torch.autograd.grad, or call model.gradient_checkpointing_disable()"
+            )
         self._gates.masks = masks
         try:
             return functional_call(self.module, select_tensors(params, self._names), args, {**self._defaults, **kwargs})
@@ -116,13 +172,22 @@ def depth_routed_forward(model: nn.Module, *, parts: ModelParts | None = None, l
     is data, nothing synchronises.
 
     The model is not modified. The call runs on a view of it: new objects for
-    the path from the root to the stack and for each layer (these carry the
-    gating hooks), sharing every other module and every tensor with the model,
-    so ``model.train()`` / ``model.eval()`` still switch dropout. ``use_cache``
-    defaults to ``False``. One function object must not be called from two
-    threads at once (the hooks read the gates of the call in progress), and
-    the layers must not use gradient checkpointing (its recomputation runs
-    after the call, without the gates; building the function raises).
+    the path from the root to the stack and for each layer, sharing every
+    other module, every tensor and every hook with the model. The view reads
+    the model's *current* settings at each call: ``model.train()`` /
+    ``model.eval()`` (dropout, including layers that test ``self.training``)
+    and ``model.gradient_checkpointing_enable()`` / ``_disable()`` act on it
+    whenever they are called. ``use_cache`` defaults to ``False``. One
+    function object must not be called from two threads at once (its layers
+    read the gates of the call in progress).
+
+    Gradient checkpointing (``model.gradient_checkpointing_enable()``, with
+    ``use_reentrant`` ``False`` or ``True``) gives the same routed gradients
+    as without it: the gates sit outside the checkpointed region, and the
+    recomputation in backward uses the ``params`` of the call. It needs
+    autograd's own backward (``loss.backward()``, ``torch.autograd.grad``):
+    PyTorch's checkpoint does not run inside ``torch.func`` transforms, so a
+    call inside one with checkpointing enabled raises.
 
     Args:
       model: a model whose forward runs the layer stack, e.g. ``LlamaForCausalLM``.
@@ -151,19 +216,14 @@ def depth_routed_forward(model: nn.Module, *, parts: ModelParts | None = None, l
     check_model(model)
     parts = resolve_parts(model, parts)
     _checks.check_fraction(leak, "leak")
-    if any(getattr(layer, "gradient_checkpointing", False) for layer in model.get_submodule(parts.layers)):
-        # The recomputation in backward runs outside the call, without the gates,
-        # so it would not reproduce the routed forward.
-        raise ValueError(
-            "model: gradient checkpointing of the layers is not supported by depth_routed_forward; "
-            "call model.gradient_checkpointing_disable() before building it"
-        )
     view, stack = path_view(model, parts.layers)
     gates = _Gates(float(leak))
+    layers = []
     for index, name in enumerate(list(stack._modules)):
-        layer = shallow_module_copy(stack._modules[name])
+        original = stack._modules[name]
+        layer = follower_copy(original, follower_class(type(original), _GATED_LAYER))
+        layer.__dict__["_cggr_gates"] = gates
+        layer.__dict__["_cggr_point"] = index + 1
         stack._modules[name] = layer
-        if index == 0:
-            layer.register_forward_pre_hook(_input_hook(gates), with_kwargs=True)
-        layer.register_forward_hook(_output_hook(gates, index + 1))
-    return DepthRoutedForward(view, len(stack), parts, float(leak), gates, default_kwargs(model))
+        layers.append(layer)
+    return DepthRoutedForward(view, layers, parts, float(leak), gates, default_kwargs(model))

@@ -68,7 +68,11 @@ def truncated_router(model: nn.Module, num_layers: int, *, parts: ModelParts | N
       ``model.named_parameters()``; extra names such as the skipped layers'
       are ignored, missing ones fall back to the model's tensors);
     * it runs without dropout and without gradient (its logits are detached,
-      for scoring), whatever mode the model is in;
+      for scoring), whatever mode the model is in, on purpose: scores must
+      not depend on dropout draws. So it never uses gradient checkpointing
+      either (checkpointing only acts in training mode). Its module objects
+      are a snapshot taken when it is built: hooks registered on the model
+      later do not run in it;
     * ``model_kwargs`` go to the model's forward unchanged: ``attention_mask``
       and ``position_ids`` (pass ``position_ids`` for left padding, as
       ``generate`` does) are honoured exactly as by the full model;

@@ -32,9 +32,12 @@ def lm_targets(
     ``labels`` shifted left by one, and the last position has none
     (``ignore_index``) -- the shift Hugging Face applies inside its loss when
     ``labels=`` is passed. For a masked LM (``causal=False``) the targets are
-    the labels. With an ``attention_mask``, a position whose own token or
-    whose target token is padding gets ``ignore_index`` too, so padding is
-    never scored or trained whatever its labels hold.
+    the labels. With an ``attention_mask``, a target that is padding becomes
+    ``ignore_index`` too, so padding is never predicted whatever its labels
+    hold. Only targets are masked, as in the model's own loss: with left
+    padding the last pad position predicts the first real token and keeps
+    that target, so a loss over these targets equals the model's loss from
+    ``labels=torch.where(attention_mask, input_ids, -100)``.
 
     Args:
       labels: ``(..., seq)`` integer tensor; ``ignore_index`` marks no label.
@@ -48,18 +51,18 @@ def lm_targets(
     Example:
       >>> import torch
       >>> from cggr_fn.models import lm_targets
-      >>> lm_targets(torch.tensor([[5, 6, 7, 0]]), attention_mask=torch.tensor([[1, 1, 1, 0]]))
+      >>> lm_targets(torch.tensor([[5, 6, 7, 0]]), attention_mask=torch.tensor([[1, 1, 1, 0]]))  # right padding
       tensor([[   6,    7, -100, -100]])
+      >>> lm_targets(torch.tensor([[0, 5, 6, 7]]), attention_mask=torch.tensor([[0, 1, 1, 1]]))  # left padding
+      tensor([[   5,    6,    7, -100]])
     """
     _check_labels(labels, "labels")
     _checks.check_int(ignore_index, "ignore_index")
     labels = labels.long()
+    if attention_mask is not None:
+        labels = torch.where(_real_tokens(attention_mask, labels.shape), labels, ignore_index)
     if causal:
         labels = torch.cat([labels[..., 1:], labels.new_full((*labels.shape[:-1], 1), ignore_index)], dim=-1)
-    if attention_mask is not None:
-        real = _real_tokens(attention_mask, labels.shape)
-        target_real = torch.cat([real[..., 1:], real[..., :1]], dim=-1) if causal else real
-        labels = torch.where(real & target_real, labels, ignore_index)
     return labels
 
 
@@ -76,11 +79,14 @@ def token_scores(
 
     :func:`cggr_fn.score` of ``logits`` against :func:`lm_targets` of
     ``labels`` (shifted for a causal LM), so position ``t`` is scored by its own
-    prediction. Positions without a target (the last one of a causal LM,
-    ``ignore_index`` labels) and padding positions (``attention_mask == 0``)
-    score ``-inf``: no selection ever picks them, and padding changes no other
-    score. Without labels, every non-padding position is scored (methods that
-    need no target only).
+    prediction. Positions without a target score ``-inf``, so no selection
+    ever picks them: the last position of a causal LM, ``ignore_index``
+    labels, and every position whose target is padding (``attention_mask ==
+    0``). These are exactly the positions the model's own loss from
+    ``labels=`` leaves out, so a position is scored iff :func:`lm_loss`
+    trains it; with left padding that includes the last pad position, which
+    predicts the first real token. Without labels there are no targets:
+    every non-padding position is scored (methods that need no target only).
 
     Args:
       logits: ``(batch, seq, vocab)`` floating tensor, e.g. from a :class:`TruncatedRouter`.
@@ -91,7 +97,7 @@ def token_scores(
       ignore_index: the "no label" value.
 
     Returns:
-      A float32 ``(batch, seq)`` tensor, detached.
+      A ``(batch, seq)`` tensor, detached, as :func:`cggr_fn.score` returns it.
 
     Example:
       >>> import torch
@@ -120,7 +126,7 @@ def sequence_scores(scores: torch.Tensor) -> torch.Tensor:
       scores: ``(batch, seq)`` floating scores, e.g. from :func:`token_scores`.
 
     Returns:
-      A float32 ``(batch,)`` tensor.
+      A ``(batch,)`` tensor: float32 for 16-bit scores, else the scores' dtype.
 
     Example:
       >>> import torch
@@ -132,7 +138,8 @@ def sequence_scores(scores: torch.Tensor) -> torch.Tensor:
     _checks.check_scores(scores)
     if scores.dim() != 2:
         raise ValueError(f"scores: expected a (batch, seq) tensor, got shape {tuple(scores.shape)}")
-    scores = scores.float()
+    if scores.element_size() < 4:
+        scores = scores.float()
     scored = ~torch.isneginf(scores)
     count = scored.sum(-1)
     mean = torch.where(scored, scores, 0.0).sum(-1) / count.clamp_min(1)
@@ -140,7 +147,7 @@ def sequence_scores(scores: torch.Tensor) -> torch.Tensor:
 
 
 def hardest_sequences(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Indices of the ``capacity(ratio, batch)`` sequences of highest mean difficulty.
+    """Indices of the ``capacity(batch, ratio=ratio)`` sequences of highest mean difficulty.
 
     A static number of sequences (``ratio`` must be a Python float, so the
     training subset has a fixed shape), ranked by :func:`sequence_scores`
@@ -152,7 +159,7 @@ def hardest_sequences(scores: torch.Tensor, ratio: float) -> torch.Tensor:
       ratio: fraction of the sequences to keep, in ``(0, 1]``.
 
     Returns:
-      An int64 tensor of ``capacity(ratio, batch)`` distinct indices.
+      An int64 tensor of ``capacity(batch, ratio=ratio)`` distinct indices.
 
     Example:
       >>> import torch
@@ -163,22 +170,30 @@ def hardest_sequences(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     if isinstance(ratio, torch.Tensor):
         raise TypeError("ratio: expected a Python float (the number of sequences is a static shape), got a tensor")
     per_sequence = sequence_scores(scores)
-    k = capacity(ratio, per_sequence.numel())
+    k = capacity(num_tokens=per_sequence.numel(), ratio=ratio)
     order = torch.sort(sort_key(per_sequence), descending=True, stable=True).indices
     return order[:k].sort().values
 
 
-def take_sequences(batch: Mapping[str, Any], indices: torch.Tensor, *, batch_size: int) -> dict[str, Any]:
-    """Rows ``indices`` of every batch-sized tensor in ``batch`` (other values pass unchanged).
+def take_sequences(
+    batch: Mapping[str, Any], indices: torch.Tensor, *, batch_shape: tuple[int, int]
+) -> dict[str, Any]:
+    """Rows ``indices`` of every per-token tensor in ``batch``; other values pass unchanged.
 
-    A tensor is batch-sized when its first dim is ``batch_size`` (so a
-    broadcast ``position_ids`` of shape ``(1, seq)`` or a ``cache_position``
-    of shape ``(seq,)`` passes unchanged). Static shapes; no host sync.
+    The rule is by shape, not by name: a tensor is gathered when its leading
+    dims are ``batch_shape``, the ``(batch, seq)`` shape of ``input_ids``
+    (``input_ids``, ``labels``, a 2-d ``attention_mask``, per-sequence
+    ``position_ids``, ``inputs_embeds``). Every other value passes unchanged:
+    scalars, 1-d tensors (a ``cache_position`` of shape ``(seq,)`` even when
+    ``seq == batch``), a broadcast ``position_ids`` of shape ``(1, seq)``. A
+    tensor that starts with the batch dim but not with ``(batch, seq)`` (a
+    4-d attention mask, say) is ambiguous and raises rather than being
+    guessed. Static shapes; no host sync.
 
     Args:
       batch: keyword arguments of a model call, e.g. ``input_ids``, ``labels``, ``attention_mask``.
       indices: int64 ``(k,)`` indices, e.g. from :func:`hardest_sequences`.
-      batch_size: the batch dimension's size, e.g. ``input_ids.shape[0]``.
+      batch_shape: ``(batch, seq)``, e.g. ``input_ids.shape``.
 
     Returns:
       A new dict with the same keys.
@@ -186,20 +201,34 @@ def take_sequences(batch: Mapping[str, Any], indices: torch.Tensor, *, batch_siz
     Example:
       >>> import torch
       >>> from cggr_fn.models import take_sequences
-      >>> take_sequences({"input_ids": torch.arange(6).reshape(3, 2), "use_cache": False}, torch.tensor([2]), batch_size=3)
-      {'input_ids': tensor([[4, 5]]), 'use_cache': False}
+      >>> batch = {"input_ids": torch.arange(6).reshape(3, 2), "cache_position": torch.arange(2), "use_cache": False}
+      >>> take_sequences(batch, torch.tensor([2]), batch_shape=(3, 2))
+      {'input_ids': tensor([[4, 5]]), 'cache_position': tensor([0, 1]), 'use_cache': False}
     """
     if not isinstance(batch, Mapping):
         raise TypeError(f"batch: expected a mapping of model keyword arguments, got {type(batch).__name__}")
     if not isinstance(indices, torch.Tensor) or indices.dim() != 1 or indices.dtype != torch.int64:
         raise TypeError(f"indices: expected a 1-d int64 tensor, got {getattr(indices, 'dtype', type(indices).__name__)}")
-    _checks.check_int(batch_size, "batch_size", minimum=0)
-    return {
-        key: value.index_select(0, indices.to(value.device))
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size
-        else value
-        for key, value in batch.items()
-    }
+    shape = tuple(batch_shape) if isinstance(batch_shape, (tuple, list, torch.Size)) else ()
+    if len(shape) != 2:
+        raise TypeError(f"batch_shape: expected the (batch, seq) shape of input_ids, got {batch_shape!r}")
+    for size in shape:
+        _checks.check_int(size, "batch_shape", minimum=0)
+    return {key: _take(key, value, indices, shape) for key, value in batch.items()}
+
+
+def _take(key: str, value: Any, indices: torch.Tensor, shape: tuple[int, ...]) -> Any:
+    if not isinstance(value, torch.Tensor) or value.dim() < 2:
+        return value
+    if tuple(value.shape[:2]) == shape:
+        return value.index_select(0, indices.to(value.device))
+    if value.shape[0] == shape[0] and shape[0] != 1:
+        raise ValueError(
+            f"batch: {key!r} of shape {tuple(value.shape)} starts with the batch dim but not with the (batch, seq) "
+            f"shape {shape} of input_ids, so it is neither gathered nor passed whole; gather it yourself "
+            "(value.index_select(0, indices)) or pass a 2-d attention_mask"
+        )
+    return value
 
 
 def hardest_sequence_loss(
@@ -220,9 +249,10 @@ def hardest_sequence_loss(
     Replaces the seed's ``CGGRModel(model, router, min_tokens_ratio)``. Scores
     every position with the router (:func:`token_scores`, next-token aligned
     for a causal LM, padding excluded), keeps the :func:`hardest_sequences`
-    (a static ``capacity(ratio, batch)`` of them), gathers ``input_ids``,
-    ``labels`` and every batch-sized model keyword argument (e.g.
-    ``attention_mask``) with :func:`take_sequences`, runs ``model`` on that
+    (a static ``capacity(batch, ratio=ratio)`` of them), gathers
+    ``input_ids``, ``labels`` and every per-token model keyword argument
+    (leading dims ``(batch, seq)``, e.g. ``attention_mask``) with
+    :func:`take_sequences`, runs ``model`` on that
     subset through :func:`torch.func.functional_call` with ``params``, and
     returns :func:`lm_loss` of its logits (the mean over labelled positions,
     as the model computes from ``labels=``). Differentiable in ``params``
@@ -264,7 +294,8 @@ def hardest_sequence_loss(
         ignore_index=ignore_index,
     )
     subset = take_sequences(
-        {"input_ids": input_ids, "labels": labels, **model_kwargs}, hardest_sequences(scores, ratio), batch_size=input_ids.shape[0]
+        {"input_ids": input_ids, "labels": labels, **model_kwargs}, hardest_sequences(scores, ratio),
+        batch_shape=input_ids.shape,
     )
     subset_labels = subset.pop("labels")
     out = functional_call(model, params, (), {**default_kwargs(model), **subset})
@@ -284,8 +315,13 @@ def lm_loss(
     """Mean cross-entropy over every labelled position: the dense loss Hugging Face computes from ``labels=``.
 
     The mean of ``-log p[target]`` over :func:`lm_targets` (shifted for a
-    causal LM; padding excluded when ``attention_mask`` is given), in
-    float32. Computing it here rather than passing ``labels=`` to the model
+    causal LM; padding targets excluded when ``attention_mask`` is given),
+    computed by :func:`cggr_fn.selective_loss` in its precision. It equals
+    the model's ``.loss`` from ``labels=`` whenever padding is labelled
+    ``ignore_index`` (e.g. ``labels=torch.where(attention_mask, input_ids,
+    -100)``), for right and left padding alike; given the
+    ``attention_mask``, it also leaves out padding targets that carry a
+    label, which the model's loss would count. Computing it here rather than passing ``labels=`` to the model
     keeps Hugging Face's loss dispatch, which logs a warning for some models
     (GPT-2), out of a compiled step.
 
@@ -297,7 +333,7 @@ def lm_loss(
       ignore_index: the "no label" value.
 
     Returns:
-      A 0-d float32 loss (0 when nothing is labelled).
+      A 0-d loss (0 when nothing is labelled).
 
     Example:
       >>> import torch
@@ -311,16 +347,33 @@ def lm_loss(
 
 
 class ScoredMask(NamedTuple):
-    """Per-position difficulty and the selected positions, both ``(batch, seq)``.
+    """The selected positions of a batch, their scores, and the statistics worth logging.
+
+    Every field is a tensor on the scores' device; none is read back to the
+    host, so logging them costs no sync until you print them.
 
     Attributes:
-      difficulty: float32 scores, higher = harder, ``-inf`` at positions that
-        cannot be selected (padding, no target).
-      mask: boolean, true at the selected (hard) positions.
+      difficulty: ``(batch, seq)`` scores, higher = harder, ``-inf`` at
+        positions that cannot be selected (padding, no target).
+      mask: ``(batch, seq)`` boolean, true at the selected (hard) positions.
+      k: 0-d int64, the number of selected positions.
+      ratio: 0-d, the fraction of the selectable positions that were
+        selected (``k`` over the positions scoring above ``-inf``; 0 when
+        there are none): the requested ratio, corrected for padding.
+      mean_difficulty: 0-d, the mean score over the selectable positions
+        (NaN when there are none, or when a score is NaN).
+      threshold: 0-d, the lowest selected score, ignoring NaN scores (which
+        rank hardest): every selectable position scoring above it was
+        selected by ``"topk"``. ``+inf`` when nothing is selected, NaN when
+        only NaN scores are.
     """
 
     difficulty: torch.Tensor
     mask: torch.Tensor
+    k: torch.Tensor
+    ratio: torch.Tensor
+    mean_difficulty: torch.Tensor
+    threshold: torch.Tensor
 
 
 def routing_mask(
@@ -338,15 +391,16 @@ def routing_mask(
     min_per_sequence: int = 1,
     seed: Step = 0,
     ignore_index: int = -100,
-    model_kwargs: Mapping[str, Any] | None = None,
+    **model_kwargs: Any,
 ) -> ScoredMask:
     """Score a batch with the router and select a fixed number of hard positions, as a mask.
 
-    Replaces the seed's ``CGGRScorer(router, min_tokens_ratio)`` for
+    Replaces the seed's ``CGGRScorer(router, min_tokens_ratio)`` (its
+    ``difficulty, mask, info`` are the :class:`ScoredMask` fields) for
     "null routing" in mixture-of-experts style models: the mask has the
-    batch's static shape and exactly ``capacity(ratio, batch * seq)`` true
-    entries (fewer only when fewer positions are selectable), so it can gate
-    an expert (``expert(x) * mask[..., None]``) or feed a fixed-capacity
+    batch's static shape and exactly ``capacity(batch * seq, ratio=ratio)``
+    true entries (fewer only when fewer positions are selectable), so it can
+    gate an expert (``expert(x) * mask[..., None]``) or feed a fixed-capacity
     dispatch without data-dependent shapes. Scores are :func:`token_scores`
     (padding and positions without a target never selected); selection is
     :func:`cggr_fn.select`.
@@ -364,10 +418,10 @@ def routing_mask(
       method: a :func:`cggr_fn.score` method.
       strategy, num_strata, min_per_sequence, seed: as in :func:`cggr_fn.select`.
       ignore_index: the "no label" value.
-      model_kwargs: further router arguments, e.g. ``position_ids``.
+      **model_kwargs: further router arguments, e.g. ``position_ids``.
 
     Returns:
-      A :class:`ScoredMask` ``(difficulty, mask)``.
+      A :class:`ScoredMask`.
 
     Example:
       >>> import torch, transformers
@@ -376,27 +430,40 @@ def routing_mask(
       >>> model = transformers.GPT2LMHeadModel(config)
       >>> router = truncated_router(model, num_layers=1)
       >>> out = routing_mask(router, dict(model.named_parameters()), torch.randint(0, 32, (2, 8)), ratio=0.25)
-      >>> out.mask.shape, int(out.mask.sum())
-      (torch.Size([2, 8]), 4)
+      >>> out.mask.shape, out.k, out.ratio
+      (torch.Size([2, 8]), tensor(4), tensor(0.2500))
     """
     if not isinstance(router, TruncatedRouter):
         raise TypeError(f"router: expected a TruncatedRouter (from truncated_router), got {type(router).__name__}")
-    extra = dict(model_kwargs or {})
     if attention_mask is not None:
-        extra["attention_mask"] = attention_mask
-    logits = router(params, input_ids, **extra)
+        model_kwargs["attention_mask"] = attention_mask
+    logits = router(params, input_ids, **model_kwargs)
     difficulty = token_scores(
         logits, labels, attention_mask=attention_mask, causal=causal, method=method, ignore_index=ignore_index
     )
-    mask = select(difficulty, ratio, strategy=strategy, num_strata=num_strata, min_per_sequence=min_per_sequence, seed=seed)
-    return ScoredMask(difficulty, mask)
+    mask = select(
+        difficulty, ratio=ratio, strategy=strategy, num_strata=num_strata, min_per_sequence=min_per_sequence, seed=seed
+    )
+    return ScoredMask(difficulty, mask, *_mask_statistics(difficulty, mask))
+
+
+def _mask_statistics(difficulty: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    selectable = ~torch.isneginf(difficulty)
+    k = mask.sum()
+    num_selectable = selectable.sum()
+    ratio = k.to(difficulty.dtype) / num_selectable.clamp_min(1)
+    mean = torch.where(selectable, difficulty, 0.0).sum() / num_selectable
+    ranked = mask & ~torch.isnan(difficulty)
+    lowest = torch.where(ranked, difficulty, float("inf")).amin()
+    threshold = torch.where(ranked.any() | (k == 0), lowest, float("nan"))
+    return k, ratio, mean, threshold
 
 
 def selective_lm_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    ratio: Ratio,
     *,
+    ratio: Ratio,
     attention_mask: torch.Tensor | None = None,
     causal: bool = True,
     method: ScoreMethod = "combined",
@@ -414,7 +481,7 @@ def selective_lm_loss(
     ``cggr_fn.ratio_schedule(step, ...)``, optionally through
     :func:`cggr_fn.dynamic_ratio`). Positions are scored by
     :func:`token_scores` (next-token aligned for a causal LM; padding and
-    unlabelled positions never selected), ``capacity(ratio, batch * seq)``
+    unlabelled positions never selected), ``capacity(batch * seq, ratio=ratio)``
     are selected with :func:`cggr_fn.select`, and the loss is
     :func:`cggr_fn.selective_loss` over them against the same shifted
     targets. Only the loss is gated, not the depth: every selected token
@@ -432,19 +499,19 @@ def selective_lm_loss(
       ignore_index: the "no label" value.
 
     Returns:
-      A 0-d float32 loss.
+      A 0-d loss, as :func:`cggr_fn.selective_loss` returns it.
 
     Example:
       >>> import torch
       >>> from cggr_fn.models import selective_lm_loss
       >>> logits = torch.tensor([[[0.0, 4.0], [0.0, 0.0], [0.0, 4.0], [0.0, 0.0]]])
       >>> labels = torch.tensor([[1, 0, 1, 1]])  # position t is scored against labels[t + 1]
-      >>> selective_lm_loss(logits, labels, 0.25, method="loss")  # k = 1 of 4 positions: the hardest
+      >>> selective_lm_loss(logits, labels, ratio=0.25, method="loss")  # k = 1 of 4 positions: the hardest
       tensor(4.0181)
     """
     targets = lm_targets(labels, attention_mask=attention_mask, causal=causal, ignore_index=ignore_index)
     scores = score(logits, targets, method=method, ignore_index=ignore_index)
-    mask = select(scores, ratio, strategy=strategy, num_strata=num_strata, min_per_sequence=min_per_sequence, seed=seed)
+    mask = select(scores, ratio=ratio, strategy=strategy, num_strata=num_strata, min_per_sequence=min_per_sequence, seed=seed)
     return selective_loss(logits, targets, mask, ignore_index=ignore_index, normalize=normalize)
 
 
