@@ -227,7 +227,7 @@ def test_routing_mask_has_static_shape_and_skips_padding() -> None:
     position_ids = torch.arange(SEQ)[None]
     strat = routing_mask(router, params_of(model), ids, ratio=torch.tensor(0.25), strategy="stratified", seed=2,
                          position_ids=position_ids)
-    assert int(strat.mask.sum()) == cggr_fn.capacity(num_tokens=ids.numel(), ratio=0.25)
+    assert int(strat.mask.sum()) == cggr_fn.capacity(ids.numel(), ratio=0.25)
     torch.testing.assert_close(strat.difficulty, token_scores(router(params_of(model), ids, position_ids=position_ids)))
 
 
@@ -238,7 +238,7 @@ def test_routing_mask_returns_the_statistics_to_log() -> None:
     out = routing_mask(router, params_of(model), ids, ratio=0.25, labels=labels, attention_mask=mask)
     selectable = ~torch.isneginf(out.difficulty)
     assert out.k.dtype == torch.int64 and out.k.dim() == 0 and int(out.k) == int(out.mask.sum())
-    assert int(out.k) == cggr_fn.capacity(num_tokens=ids.numel(), ratio=0.25)
+    assert int(out.k) == cggr_fn.capacity(ids.numel(), ratio=0.25)
     torch.testing.assert_close(out.ratio, out.k.to(out.difficulty.dtype) / selectable.sum())
     torch.testing.assert_close(out.mean_difficulty, out.difficulty[selectable].mean())
     torch.testing.assert_close(out.threshold, out.difficulty[out.mask].min())

@@ -170,7 +170,7 @@ def hardest_sequences(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     if isinstance(ratio, torch.Tensor):
         raise TypeError("ratio: expected a Python float (the number of sequences is a static shape), got a tensor")
     per_sequence = sequence_scores(scores)
-    k = capacity(num_tokens=per_sequence.numel(), ratio=ratio)
+    k = capacity(per_sequence.numel(), ratio=ratio)
     order = torch.sort(sort_key(per_sequence), descending=True, stable=True).indices
     return order[:k].sort().values
 
