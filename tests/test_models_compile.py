@@ -98,7 +98,8 @@ def test_checkpointed_routed_forward_compiles_fullgraph() -> None:
     model = build("llama").double().train()
     forward = depth_routed_forward(model)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    params = {key: value.detach().clone().requires_grad_() for key, value in model.named_parameters()}
+    # Not the model's own values: the recomputation must use the call's tensors.
+    params = {key: (value.detach() * 1.25).requires_grad_() for key, value in model.named_parameters()}
     ids = torch.randint(3, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(1))
 
     def loss_fn(params: dict[str, torch.Tensor], depth: torch.Tensor) -> torch.Tensor:

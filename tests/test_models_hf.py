@@ -15,6 +15,7 @@ from torch import nn
 
 import cggr_fn
 from cggr_fn.models import ModelParts, depth_routed_forward, detect_parts, token_scores, truncated_router
+from cggr_fn.models._common import default_kwargs
 
 VOCAB, HIDDEN, LAYERS, SEQ = 64, 32, 3, 8
 _SIZES = dict(vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=4,
@@ -339,7 +340,7 @@ def reference_routed_grads(model: nn.Module, depth: torch.Tensor, ids: torch.Ten
         def hook(m: nn.Module, a: tuple, out: object, point: int = i + 1) -> object:
             return gate(out, point) if isinstance(out, torch.Tensor) else (gate(out[0], point), *out[1:])
         handles.append(layer.register_forward_hook(hook))
-    logits = reference(input_ids=ids).logits
+    logits = reference(input_ids=ids, **default_kwargs(reference)).logits  # use_cache=False, as the view
     loss_of(logits, ids, causal).backward()
     for handle in handles:
         handle.remove()

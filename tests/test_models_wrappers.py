@@ -95,16 +95,18 @@ def test_sequence_scores_and_hardest_sequences() -> None:
     per_sequence = sequence_scores(scores)
     torch.testing.assert_close(per_sequence[[0, 2, 4]], torch.tensor([0.2, 0.4, 0.2]))
     assert torch.isneginf(per_sequence[1]) and torch.isnan(per_sequence[3])
-    assert hardest_sequences(scores, 0.4).tolist() == [2, 3]  # NaN counts as the hardest
-    assert hardest_sequences(scores, 0.6).tolist() == [0, 2, 3]  # tie 0 vs 4: the earlier wins
-    assert hardest_sequences(scores, 1.0).tolist() == [0, 1, 2, 3, 4]
-    assert hardest_sequences(scores, 1e-9).tolist() == [3]
+    assert hardest_sequences(scores, ratio=0.4).tolist() == [2, 3]  # NaN counts as the hardest
+    assert hardest_sequences(scores, ratio=0.6).tolist() == [0, 2, 3]  # tie 0 vs 4: the earlier wins
+    assert hardest_sequences(scores, ratio=1.0).tolist() == [0, 1, 2, 3, 4]
+    assert hardest_sequences(scores, ratio=1e-9).tolist() == [3]
     with pytest.raises(TypeError, match="ratio: expected a Python float"):
-        hardest_sequences(scores, torch.tensor(0.5))
+        hardest_sequences(scores, ratio=torch.tensor(0.5))
     with pytest.raises(ValueError, match="scores: expected a \\(batch, seq\\) tensor"):
         sequence_scores(torch.zeros(3))
     with pytest.raises(ValueError, match="ratio: expected a value in \\(0, 1\\]"):
-        hardest_sequences(scores, 0.0)
+        hardest_sequences(scores, ratio=0.0)
+    with pytest.raises(TypeError, match="positional argument"):
+        hardest_sequences(scores, 0.5)  # type: ignore[misc]
 
 
 def test_take_sequences_gathers_exactly_the_per_token_tensors() -> None:
@@ -196,7 +198,7 @@ def test_hardest_sequence_loss_trains_on_the_hardest_sequences() -> None:
     logits = router(params, ids, attention_mask=mask)
     nll_scores = token_scores(logits, labels, attention_mask=mask)
     keep = sorted(sequence_scores(nll_scores).topk(2).indices.tolist())
-    assert hardest_sequences(nll_scores, 0.5).tolist() == keep
+    assert hardest_sequences(nll_scores, ratio=0.5).tolist() == keep
     expected = model(input_ids=ids[keep], attention_mask=mask[keep], labels=labels[keep]).loss
     torch.testing.assert_close(loss.float(), expected)  # float64 vs Hugging Face's float32
     dense_keep = torch.func.grad(

@@ -187,7 +187,10 @@ def depth_routed_forward(model: nn.Module, *, parts: ModelParts | None = None, l
     recomputation in backward uses the ``params`` of the call. It needs
     autograd's own backward (``loss.backward()``, ``torch.autograd.grad``):
     PyTorch's checkpoint does not run inside ``torch.func`` transforms, so a
-    call inside one with checkpointing enabled raises.
+    call inside one with checkpointing enabled raises. (Hugging Face's
+    ``gradient_checkpointing_enable()`` also hooks ``requires_grad_()`` onto
+    the input embedding, which ``torch.func`` refuses even in eval mode;
+    ``model.disable_input_require_grads()`` removes it.)
 
     Args:
       model: a model whose forward runs the layer stack, e.g. ``LlamaForCausalLM``.

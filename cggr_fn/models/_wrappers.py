@@ -146,7 +146,7 @@ def sequence_scores(scores: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 0, mean, float("-inf"))
 
 
-def hardest_sequences(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+def hardest_sequences(scores: torch.Tensor, *, ratio: float) -> torch.Tensor:
     """Indices of the ``capacity(batch, ratio=ratio)`` sequences of highest mean difficulty.
 
     A static number of sequences (``ratio`` must be a Python float, so the
@@ -164,7 +164,7 @@ def hardest_sequences(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     Example:
       >>> import torch
       >>> from cggr_fn.models import hardest_sequences
-      >>> hardest_sequences(torch.tensor([[0.1, 0.2], [0.9, 0.8], [0.5, 0.5], [0.7, 0.0]]), 0.5)
+      >>> hardest_sequences(torch.tensor([[0.1, 0.2], [0.9, 0.8], [0.5, 0.5], [0.7, 0.0]]), ratio=0.5)
       tensor([1, 2])
     """
     if isinstance(ratio, torch.Tensor):
@@ -294,7 +294,7 @@ def hardest_sequence_loss(
         ignore_index=ignore_index,
     )
     subset = take_sequences(
-        {"input_ids": input_ids, "labels": labels, **model_kwargs}, hardest_sequences(scores, ratio),
+        {"input_ids": input_ids, "labels": labels, **model_kwargs}, hardest_sequences(scores, ratio=ratio),
         batch_shape=input_ids.shape,
     )
     subset_labels = subset.pop("labels")
