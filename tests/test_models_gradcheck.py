@@ -14,17 +14,6 @@ from cggr_fn.models import depth_routed_forward, hardest_sequence_loss, lm_loss,
 
 VOCAB, SEQ, LAYERS = 16, 5, 2
 
-# The losses are cggr_fn.selective_loss underneath: they can only pass gradcheck
-# once the core keeps float64 as float64 (issue 7, defect 5). Until then they
-# must fail (strict), and they run as ordinary tests as soon as it does.
-_CORE_KEEPS_FLOAT64 = cggr_fn.selective_loss(
-    torch.zeros(1, 2, dtype=torch.float64), torch.tensor([0]), torch.tensor([True])
-).dtype == torch.float64
-needs_float64_core = pytest.mark.xfail(
-    not _CORE_KEEPS_FLOAT64, reason="the core's selective_loss casts float64 to float32 (defect 5)", strict=True
-)
-
-
 def tiny_gpt2() -> nn.Module:
     # GPT-2 rather than Llama: Llama's RMSNorm computes in float32 even for a
     # float64 model, which gradcheck's finite differences cannot tolerate.
@@ -68,14 +57,12 @@ def test_gradcheck_depth_routed_forward(depth_kind: str, leak: float, checkpoint
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=True)
 
 
-@needs_float64_core
 def test_gradcheck_lm_loss() -> None:
     ids, labels, mask = batch()
     logits = torch.randn(3, SEQ, VOCAB, dtype=torch.float64, generator=torch.Generator().manual_seed(3), requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: lm_loss(x, labels, attention_mask=mask), (logits,), fast_mode=True)
 
 
-@needs_float64_core
 @pytest.mark.parametrize("normalize", ["selected", "valid"])
 def test_gradcheck_selective_lm_loss(normalize: str) -> None:
     ids, labels, mask = batch()
@@ -84,7 +71,6 @@ def test_gradcheck_selective_lm_loss(normalize: str) -> None:
     assert torch.autograd.gradcheck(fn, (logits,), fast_mode=True)
 
 
-@needs_float64_core
 def test_gradcheck_hardest_sequence_loss() -> None:
     model = tiny_gpt2().eval()
     router = truncated_router(model, 1)

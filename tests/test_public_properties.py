@@ -202,7 +202,7 @@ TABLE: dict[str, Entry] = {
     ),
     "models.take_sequences": Entry(
         lambda d, n: (
-            lambda x, ids, index: models.take_sequences({"x": x, "ids": ids}, index, batch_size=SIZES[n][0]),
+            lambda x, ids, index: models.take_sequences({"x": x, "ids": ids}, index, batch_shape=SIZES[n]),
             (_scores(d, n), _targets(n), torch.tensor([1, 0])),
         ),
         upcast16=False,
