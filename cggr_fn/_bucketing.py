@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from cggr_fn import _checks
-from cggr_fn._curriculum import Step, warmup_progress
+from cggr_fn._curriculum import Step, int_min, warmup_progress
 from cggr_fn._ranking import difficulty_rank
 
 
@@ -50,10 +50,10 @@ def _bucket_starts(num_tokens: int, step: Step, num_buckets: int, warmup_steps: 
     _checks.check_int(num_tokens, "num_tokens", minimum=0)
     _checks.check_int(num_buckets, "num_buckets", minimum=1)
     done, total = warmup_progress(step, warmup_steps)
-    # // and % rather than divmod, sym_min rather than min: under dynamic
-    # shapes num_tokens is a SymInt, which divmod rejects and min would guard on.
+    # // and % rather than divmod: under dynamic shapes num_tokens is a SymInt,
+    # which divmod rejects.
     base, extra = num_tokens // num_buckets, num_tokens % num_buckets
-    finals = [b * base + torch.sym_min(b, extra) for b in range(1, num_buckets)]
+    finals = [b * base + int_min(b, extra) for b in range(1, num_buckets)]
     return [done * 0] + [num_tokens - (num_tokens - final) * done // total for final in finals]
 
 

@@ -24,8 +24,19 @@ def warmup_progress(step: Step, warmup_steps: int) -> tuple[Step, int]:
         step = step.long()
         done = step.clamp(0, warmup_steps) if warmup_steps else torch.ones_like(step)
         return done, max(warmup_steps, 1)
-    # sym_min: a dynamic (SymInt) step stays symbolic instead of guarding on its value.
-    return (torch.sym_min(step, warmup_steps), warmup_steps) if warmup_steps else (1, 1)
+    return (int_min(step, warmup_steps), warmup_steps) if warmup_steps else (1, 1)
+
+
+def int_min(a: int, b: int) -> int:
+    """``min`` of two ints, either of which may be a SymInt under dynamic shapes.
+
+    A SymInt goes through ``torch.sym_min`` and stays symbolic instead of
+    guarding on its value; plain ints take the builtin (Dynamo in torch 2.11
+    cannot trace ``torch.sym_min`` of two plain ints).
+    """
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return torch.sym_min(a, b)
+    return min(a, b)
 
 
 def ratio_schedule(step: Step, *, warmup_steps: int, final_ratio: float) -> Ratio:

@@ -73,26 +73,24 @@ def _tensor_capacity(ratio: torch.Tensor, num_tokens: int) -> torch.Tensor:
     return k.clamp(min(1, num_tokens), num_tokens)
 
 
-def sort_key(scores: torch.Tensor) -> torch.Tensor:
-    """Scores as an integer sort key with the exact order NaN > +inf > finite > -inf.
+def difficulty_order(scores: torch.Tensor) -> torch.Tensor:
+    """Positions along the last dim, hardest first: NaN, ``+inf``, finite descending, ``-inf``.
 
-    Equal scores get equal keys (``-0.0`` equals ``0.0``), so a stable sort
-    breaks their ties by position. float64 scores key as int64, every other
-    float dtype widens exactly to float32 and keys as int32 (half the sort
-    traffic). An IEEE float's bits, with a negative value's magnitude bits
-    flipped, order like the floats; NaN takes the largest integer, above
-    ``+inf``'s bits (``0x7F80...``).
+    Equal scores keep their positional order (``-0.0`` equals ``0.0``), so ties
+    break by position on every device. float64 scores sort in float64, every
+    other float dtype widens exactly to float32.
     """
-    if scores.dtype == torch.float64:
-        int_dtype, magnitude_bits = torch.int64, (1 << 63) - 1
-    else:
-        scores, int_dtype, magnitude_bits = scores.float(), torch.int32, (1 << 31) - 1
-    # -0.0 would get a smaller key than 0.0; a where() (not "+ 0.0", which a
-    # compiler may drop as a no-op) makes them one value.
-    scores = torch.where(scores == 0, 0.0, scores)
-    bits = scores.view(int_dtype)
-    key = torch.where(bits < 0, bits ^ magnitude_bits, bits)
-    return torch.where(torch.isnan(scores), magnitude_bits, key)
+    scores = scores if scores.dtype == torch.float64 else scores.float()
+    # -0.0 and 0.0 are distinct keys to a radix sort; a where() (not "+ 0.0",
+    # which a compiler may drop as a no-op) makes them one value.
+    nan = torch.isnan(scores)
+    key = torch.where(nan, float("inf"), torch.where(scores == 0, 0.0, scores))
+    order = torch.sort(key, dim=-1, descending=True, stable=True).indices
+    # No float lies above +inf for NaN to take, so NaN and +inf share a key; a
+    # second stable pass over NaN-ness alone moves NaN first. (Viewing the
+    # floats' bits as integers would avoid it, but has no vmap rule in torch 2.11.)
+    nan_first = torch.sort(nan.gather(-1, order).to(torch.int8), dim=-1, descending=True, stable=True).indices
+    return order.gather(-1, nan_first)
 
 
 def selectable(scores: torch.Tensor) -> torch.Tensor:
@@ -113,5 +111,4 @@ def difficulty_rank(scores: torch.Tensor) -> torch.Tensor:
     position (earlier = harder). A stable sort makes the ties deterministic on
     every device.
     """
-    order = torch.sort(sort_key(scores), dim=-1, descending=True, stable=True).indices
-    return inverse_permutation(order)
+    return inverse_permutation(difficulty_order(scores))

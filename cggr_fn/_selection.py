@@ -33,7 +33,7 @@ def select(
     computed on-device, and a ratio outside ``(0, 1]`` or NaN is handled as
     :func:`capacity` documents: clamped, NaN selects every selectable token;
     :func:`checking` raises on it). The same scores give bitwise the same mask
-    on every device (a stable sort on an exact integer key, then integer
+    on every device (stable sorts that put NaN before ``+inf``, then integer
     arithmetic); scores of the same logits computed on different devices agree
     only within the tolerance that :class:`TokenStats` states.
 

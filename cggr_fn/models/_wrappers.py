@@ -12,7 +12,7 @@ from torch.func import functional_call
 from cggr_fn import _checks
 from cggr_fn._curriculum import Ratio, Step
 from cggr_fn._loss import selective_loss
-from cggr_fn._ranking import capacity, sort_key
+from cggr_fn._ranking import capacity, difficulty_order
 from cggr_fn._scoring import ScoreMethod, score
 from cggr_fn._selection import select
 from cggr_fn.models._common import check_model, default_kwargs
@@ -171,7 +171,7 @@ def hardest_sequences(scores: torch.Tensor, *, ratio: float) -> torch.Tensor:
         raise TypeError("ratio: expected a Python float (the number of sequences is a static shape), got a tensor")
     per_sequence = sequence_scores(scores)
     k = capacity(per_sequence.numel(), ratio=ratio)
-    order = torch.sort(sort_key(per_sequence), descending=True, stable=True).indices
+    order = difficulty_order(per_sequence)
     return order[:k].sort().values
 
 
