@@ -261,8 +261,8 @@ def peaked_rows(n, vocab, one_minus_p, gen):
 
 
 # Inputs are the rounded 16-bit values themselves, so every dtype meets the same
-# float32 arithmetic: the error is the nll's, ~2 ulp of the logsumexp.
-GRAD_NORM_ATOL = {torch.float32: 2e-7, torch.bfloat16: 2e-7, torch.float16: 2e-7}
+# float32 arithmetic: the error is the nll's, a few ulps of the logsumexp.
+GRAD_NORM_ATOL = {torch.float32: 3e-7, torch.bfloat16: 3e-7, torch.float16: 3e-7}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
