@@ -262,7 +262,7 @@ def peaked_rows(n, vocab, one_minus_p, gen):
 
 # Inputs are the rounded 16-bit values themselves, so every dtype meets the same
 # float32 arithmetic: the error is the nll's, a few ulps of the logsumexp.
-GRAD_NORM_ATOL = {torch.float32: 3e-7, torch.bfloat16: 3e-7, torch.float16: 3e-7}
+GRAD_NORM_ATOL = {torch.float32: 5e-7, torch.bfloat16: 5e-7, torch.float16: 5e-7}
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -279,12 +279,18 @@ def test_grad_norm_matches_float64_truth(dtype, config):
     rows.append((random, torch.randint(0, vocab, (8,), generator=gen)))
     rows.append((random, random.argmax(-1)))
     rows.append((torch.zeros(2, vocab), torch.tensor([0, vocab - 1])))  # uniform
+    # A confident target in every column: in the first, a middle, the last full
+    # and the partial block (the kernel masks the target's block apart).
+    every = torch.randn(vocab, vocab, generator=gen) - 18.0
+    every.fill_diagonal_(0.0)
+    rows.append((every, torch.arange(vocab)))
     logits = torch.cat([r for r, _ in rows]).to(dtype)
     targets = torch.cat([t for _, t in rows])
     got = run_launch(logits.to(DEVICE), targets.to(DEVICE), -100, config)[5].cpu().double()
     want = grad_norm_truth(logits, targets)
     lse = torch.logsumexp(logits.double(), -1).abs()
-    assert ((got - want).abs() <= GRAD_NORM_ATOL[dtype] * (1 + lse)).all(), (got - want).abs().max()
+    excess = (got - want).abs() / (1 + lse)
+    assert (excess <= GRAD_NORM_ATOL[dtype]).all(), f"worst error {excess.max().item():.2e} * (1 + |logsumexp|)"
 
 
 def test_opcheck():

@@ -175,7 +175,7 @@ def grad_norm_truth(logits, targets):
 def test_grad_norm_of_confident_tokens_against_float64(dtype):
     """p_t = 1 - 1e-7 and thereabouts: sum p**2 - 2 p_t + 1 would cancel to
     rounding (an error near 3e-4); the reference leaves the target's square out
-    of the sum and is as accurate as its nll, within 3e-7 * (1 + |logsumexp|)."""
+    of the sum and is as accurate as its nll, within 5e-7 * (1 + |logsumexp|)."""
     generator = torch.Generator().manual_seed(4)
     vocab, rows = 50, []
     for one_minus_p in (1e-1, 1e-3, 1e-5, 1e-7, 1e-9):
@@ -188,7 +188,7 @@ def test_grad_norm_of_confident_tokens_against_float64(dtype):
     got = cggr_fn.token_stats(logits, targets).grad_norm.double()
     want = grad_norm_truth(logits, targets)
     lse = torch.logsumexp(logits.double(), -1).abs()
-    assert ((got - want).abs() <= 3e-7 * (1 + lse)).all(), (got - want).abs().max()
+    assert ((got - want).abs() <= 5e-7 * (1 + lse)).all(), (got - want).abs().max()
     naive = (torch.softmax(logits.float(), -1).square().sum(-1) - 2 * torch.exp(-got.float()) + 1).clamp(min=0).sqrt()
     assert (naive.double() - want).abs().max() > 1e-5  # what the rows would do to the naive formula
 

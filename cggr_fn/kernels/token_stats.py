@@ -49,15 +49,15 @@ def _finite_exponent(delta):
 
 
 @triton.jit
-def _fold_block(x, is_target, m1v, m2v, m_l, s_l, t_l, q_l, HAS_TARGETS: tl.constexpr):
+def _fold_block(x, is_target, m1v, m2v, m_l, s_l, t_l, q_l, SQUARES: tl.constexpr, MASK: tl.constexpr):
     """Fold one block ``x`` (fp32, shape (K, LANES, VEC), padding -inf) into the state.
 
     State: ``m1v``/``m2v`` the elementwise largest and second-largest values
     seen (duplicates kept, so ties survive), shape (K, LANES, VEC); per lane
     (shape (LANES,)) the running maximum ``m_l`` and the sums ``s_l`` of
     ``e = 2**d2`` and ``t_l`` of ``e * d2``, ``d2 = (x - m_l) * log2(e)``, and
-    with targets ``q_l`` of ``e**2`` over the slots where ``is_target`` is
-    False (shape (K, LANES, VEC)).
+    with ``SQUARES`` ``q_l`` of ``e**2``, leaving out the slot where
+    ``is_target`` (shape (K, LANES, VEC)) is True if ``MASK``.
     """
     m2v = tl.maximum(m2v, tl.minimum(m1v, x))
     m1v = tl.maximum(m1v, x)
@@ -82,15 +82,36 @@ def _fold_block(x, is_target, m1v, m2v, m_l, s_l, t_l, q_l, HAS_TARGETS: tl.cons
     ed = e * tl.maximum(d2, -1.0e30)
     t_l = scale * (t_l + delta * s_l) + tl.sum(tl.sum(ed, axis=2), axis=0)
     s_l = scale * s_l + tl.sum(tl.sum(e, axis=2), axis=0)
-    if HAS_TARGETS:
-        # The target's own e**2 stays out of the sum rather than being
-        # subtracted at the end: for a confident token it is ~1 and would
-        # round away the ~1e-14 squares of the other classes, and the
-        # difference would keep only that rounding (1e-7 where the answer is
-        # 1e-14). Masking costs a compare and a select per element, no load.
-        e_other = tl.where(is_target, 0.0, e)
+    if SQUARES:
+        if MASK:
+            e_other = tl.where(is_target, 0.0, e)
+        else:
+            e_other = e
         q_l = scale * scale * q_l + tl.sum(tl.sum(e_other * e_other, axis=2), axis=0)
     return m1v, m2v, m_new, s_l, t_l, q_l
+
+
+@triton.jit
+def _fold_blocks(
+    row_ptr, offs, start, stop, m1v, m2v, m_l, s_l, t_l, q_l,
+    SQUARES: tl.constexpr, BLOCK: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    """Fold the full blocks ``start <= b < stop`` (none if ``stop <= start``), unmasked."""
+    # Full blocks load unmasked so the loads stay 16-byte vectors whatever the
+    # vocabulary; only the last, partial block pays for a mask.
+    if PREFETCH:
+        # Software pipelining by hand: the next block's loads are in flight
+        # while this block is folded. A uniform scalar mask keeps them vectors.
+        nxt = tl.load(row_ptr + start * BLOCK + offs, mask=start < stop)
+        for b in range(start, stop):
+            x = nxt.to(tl.float32)
+            nxt = tl.load(row_ptr + (b + 1) * BLOCK + offs, mask=b + 1 < stop)
+            m1v, m2v, m_l, s_l, t_l, q_l = _fold_block(x, None, m1v, m2v, m_l, s_l, t_l, q_l, SQUARES, False)
+    else:
+        for b in range(start, stop):
+            x = tl.load(row_ptr + b * BLOCK + offs).to(tl.float32)
+            m1v, m2v, m_l, s_l, t_l, q_l = _fold_block(x, None, m1v, m2v, m_l, s_l, t_l, q_l, SQUARES, False)
+    return m1v, m2v, m_l, s_l, t_l, q_l
 
 
 @triton.jit
@@ -151,33 +172,39 @@ def token_stats_kernel(
         # The column whose e**2 the sum of squares leaves out; -1 (no column)
         # for an ignored or out-of-range target, whose grad_norm is not used.
         tgt_col = tl.where(in_range & labelled, tgt, -1).to(tl.int32)
-    else:
-        tgt_col = -1
 
-    # Full blocks load unmasked so the loads stay 16-byte vectors whatever the
-    # vocabulary; only the last, partial block pays for a mask.
     n_full = vocab // BLOCK
-    if PREFETCH:
-        # Software pipelining by hand: the next block's loads are in flight
-        # while this block is folded. A uniform scalar mask keeps them vectors.
-        nxt = tl.load(row_ptr + offs, mask=n_full > 0)
-        for b in range(0, n_full):
-            x = nxt.to(tl.float32)
-            nxt = tl.load(row_ptr + (b + 1) * BLOCK + offs, mask=b + 1 < n_full)
-            m1v, m2v, m_l, s_l, t_l, q_l = _fold_block(
-                x, offs == tgt_col - b * BLOCK, m1v, m2v, m_l, s_l, t_l, q_l, HAS_TARGETS
-            )
+    # With targets, the sum of squares leaves the target's own e**2 out rather
+    # than subtracting it at the end: for a confident token it is ~1 and would
+    # round away the ~1e-14 squares of the other classes, and the difference
+    # would keep only that rounding (1e-7 where the answer is 1e-14). Masking
+    # costs a compare and a select per element, so the hot loop runs unmasked
+    # on the blocks before and after the one full block that holds the target
+    # (``split``; n_full when the target is in the tail or there is none), and
+    # only that block and the tail pay for the mask.
+    if HAS_TARGETS:
+        split = tl.where(tgt_col >= 0, tl.minimum(tgt_col // BLOCK, n_full), n_full)
     else:
-        for b in range(0, n_full):
-            x = tl.load(row_ptr + b * BLOCK + offs).to(tl.float32)
-            m1v, m2v, m_l, s_l, t_l, q_l = _fold_block(
-                x, offs == tgt_col - b * BLOCK, m1v, m2v, m_l, s_l, t_l, q_l, HAS_TARGETS
+        split = n_full
+    m1v, m2v, m_l, s_l, t_l, q_l = _fold_blocks(
+        row_ptr, offs, 0, split, m1v, m2v, m_l, s_l, t_l, q_l, HAS_TARGETS, BLOCK, PREFETCH
+    )
+    if HAS_TARGETS:
+        if split < n_full:
+            x = tl.load(row_ptr + split * BLOCK + offs).to(tl.float32)
+            is_target = offs == tgt_col - split * BLOCK
+            m1v, m2v, m_l, s_l, t_l, q_l = _fold_block(x, is_target, m1v, m2v, m_l, s_l, t_l, q_l, True, True)
+            m1v, m2v, m_l, s_l, t_l, q_l = _fold_blocks(
+                row_ptr, offs, split + 1, n_full, m1v, m2v, m_l, s_l, t_l, q_l, True, BLOCK, PREFETCH
             )
     tail = n_full * BLOCK
     if tail < vocab:
         cols = tail + offs
         x = tl.load(row_ptr + cols, mask=cols < vocab, other=_NEG_INF).to(tl.float32)
-        m1v, m2v, m_l, s_l, t_l, q_l = _fold_block(x, cols == tgt_col, m1v, m2v, m_l, s_l, t_l, q_l, HAS_TARGETS)
+        if HAS_TARGETS:
+            m1v, m2v, m_l, s_l, t_l, q_l = _fold_block(x, cols == tgt_col, m1v, m2v, m_l, s_l, t_l, q_l, True, True)
+        else:
+            m1v, m2v, m_l, s_l, t_l, q_l = _fold_block(x, None, m1v, m2v, m_l, s_l, t_l, q_l, False, False)
 
     # Merge the lanes' online softmaxes into one, relative to the row maximum.
     m = tl.max(m_l, axis=0)
