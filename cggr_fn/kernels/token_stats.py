@@ -15,7 +15,10 @@ keeps its *own* online softmax (maximum, sums) and top-2, so the loop has no
 cross-thread reduction, shuffle or barrier at all: the bf16 loop body is about a
 dozen SASS instructions per element (sm_90), under the ~19 instruction slots
 per element that an H100 has at full memory bandwidth. Lanes are merged once,
-at the end of the row.
+at the end of the row. With targets, the sum of squares for grad_norm adds an
+FMA per element and a rescale per block (sm_90, bf16, 4 warps: 129 SASS
+instructions per 8-element loop iteration against 117 without targets); the
+loads are the same.
 
 The arithmetic follows :func:`cggr_fn._stats.token_stats_reference`, which is
 the definition; this module holds only the kernel and :func:`launch`, with no
