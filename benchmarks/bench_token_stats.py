@@ -8,7 +8,10 @@ Measures the device copy bandwidth in the same run (a large device-to-device
 copy, bytes read plus written over time), then times, for 16384 rows of logits
 at each vocabulary size and dtype, the fused kernel (``ours``), the PyTorch
 eager reference (``eager``) and ``torch.compile`` of the reference
-(``compiled``), all computing entropy, confidence, margin, logsumexp and nll.
+(``compiled``), all computing entropy, confidence, margin, logsumexp, nll and
+grad_norm from targets; ``ours_no_targets`` times the kernel without targets
+(no nll, no grad_norm: no target-masked sum of squares in the loop), to show
+what grad_norm's accumulator costs.
 ``floor_ms`` is the logits' bytes read once over the copy bandwidth, and
 ``x_floor`` is ``median_ms / floor_ms``. A read-only ``torch.amax`` over the
 same logits is recorded as ``amax`` for scale. References that would not fit in
@@ -104,7 +107,8 @@ def main():
         "floor_definition": "bytes of logits read once / copy bandwidth (read+write bytes per second)",
         "rows": ROWS,
         "notes": "eager and compiled run over row chunks of at most 2**30 elements when the whole "
-        "batch would not fit in memory; all impls compute all five statistics with targets",
+        "batch would not fit in memory; all impls compute all six statistics with targets, "
+        "except ours_no_targets",
         "cases": [],
         "sweep": [],
         "selection": [],
@@ -141,7 +145,7 @@ def main():
                 save()
 
             config = kernel.choose_config(vocab, dtype)
-            outs = tuple(torch.empty(ROWS, device="cuda") for _ in range(5))
+            outs = tuple(torch.empty(ROWS, device="cuda") for _ in range(6))
             handle = kernel.launch(logits, targets, -100, outs, config)
             if args.asm_dir and vocab == 128256:
                 for kind in ("ptx", "sass"):
@@ -150,9 +154,11 @@ def main():
                             f.write(handle.asm[kind])
             ms = bench(lambda: fused_token_stats(logits, targets, -100))
             row("ours", ms, config=config._asdict(), bandwidth_fraction=round(floor_ms / ms, 4), **resources(handle))
+            row("ours_no_targets", bench(lambda: fused_token_stats(logits, None, -100)),
+                note="no targets: no nll, no grad_norm accumulator")
             row("amax", bench(lambda: logits.amax(dim=-1)), note="read-only torch.amax, for scale")
             if args.sweep and dname in sweep_dtypes:
-                outs = tuple(torch.empty(ROWS, device="cuda") for _ in range(5))
+                outs = tuple(torch.empty(ROWS, device="cuda") for _ in range(6))
                 for cfg in sweep_configs(dtype):
                     if cfg.block > triton.next_power_of_2(vocab):
                         continue

@@ -5,7 +5,8 @@ Run on a CUDA machine (not collected by pytest)::
     python benchmarks/check_token_stats_gpu.py --out report.json
 
 Compares the kernel with a float64 evaluation of the reference formula (max
-absolute error of entropy, logsumexp, nll, confidence, margin; the margin must
+absolute error of entropy, logsumexp, nll, confidence, margin, grad_norm; the
+grad_norm of confident tokens, 1 - p_t down to 1e-7, included; the margin must
 be exactly 0 exactly where the two largest logits tie) and with the float32
 PyTorch reference, for every input dtype, at real vocabulary sizes, on odd
 vocabularies, strided rows, ties, ignored and out-of-range targets, non-finite
@@ -35,12 +36,13 @@ from cggr_fn.kernels import fused_token_stats, token_stats_op  # noqa: E402
 from cggr_fn.kernels import token_stats as kernel  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-NAMES = ("entropy", "confidence", "margin", "logsumexp", "nll")
+NAMES = ("entropy", "confidence", "margin", "logsumexp", "nll", "grad_norm")
 # Max abs error vs float64 allowed for fp32 arithmetic on rows of up to 262144
 # entries (entropy and lse are O(10); sums of 2**18 terms in fp32).
-TOL = {"entropy": 1e-4, "confidence": 2e-5, "margin": 2e-5, "logsumexp": 1e-4, "nll": 1e-4}
+# grad_norm's error is the nll's (|d grad_norm / d nll| <= 1).
+TOL = {"entropy": 1e-4, "confidence": 2e-5, "margin": 2e-5, "logsumexp": 1e-4, "nll": 1e-4, "grad_norm": 1e-4}
 # What TokenStats promises about kernel vs float32 reference: |diff| <= 4e-6,
-# plus 5e-7 * |logsumexp| for logsumexp and nll.
+# plus 5e-7 * |logsumexp| for logsumexp, nll and grad_norm.
 DOCUMENTED_ATOL, DOCUMENTED_RTOL_LSE = 4e-6, 5e-7
 
 results: dict = {"cases": [], "failures": []}
@@ -50,13 +52,15 @@ def ref64(logits, targets, ignore_index, chunk_elems=1 << 28):
     """The reference formula in float64, over row chunks to bound memory.
 
     Also returns whether the two largest logits tie (exactly, in the input
-    dtype), for the exact-zero margin check.
+    dtype), for the exact-zero margin check. grad_norm is
+    ``sqrt((1 - p_t)**2 + sum_{j != t} p_j**2)`` in float64, the target left
+    out of the sum so that confident tokens keep float64's digits.
     """
     vocab = logits.shape[-1]
     rows = logits.reshape(-1, vocab)
     t = None if targets is None else targets.reshape(-1)
     step = max(1, chunk_elems // vocab)
-    outs = [[] for _ in range(6)]
+    outs = [[] for _ in range(7)]
     for i in range(0, rows.shape[0], step):
         x = rows[i : i + step].double()
         top2 = x.topk(2, dim=-1).values
@@ -70,13 +74,18 @@ def ref64(logits, targets, ignore_index, chunk_elems=1 << 28):
         margin = (1.0 - (top2[:, 1] - row_max).exp()) / total
         if t is None:
             nll = torch.full_like(entropy, math.nan)
+            grad_norm = torch.full_like(entropy, math.nan)
         else:
             tt = t[i : i + step]
             in_range = (tt >= 0) & (tt < vocab)
-            xt = x.gather(-1, torch.where(in_range, tt, 0).long()[:, None])[:, 0]
+            safe = torch.where(in_range, tt, 0).long()[:, None]
+            xt = x.gather(-1, safe)[:, 0]
             nll = torch.where(in_range, lse - xt, math.nan)
-            nll = torch.where(tt != ignore_index, nll, 0.0)
-        for k, v in enumerate((entropy, 1.0 / total, margin, lse, nll, top2[:, 0] == top2[:, 1])):
+            labelled = tt != ignore_index
+            others = e.scatter(-1, safe, 0.0).square().sum(-1) / total.square()
+            grad_norm = torch.where(labelled, (torch.expm1(-nll).square() + others).sqrt(), 0.0)
+            nll = torch.where(labelled, nll, 0.0)
+        for k, v in enumerate((entropy, 1.0 / total, margin, lse, nll, grad_norm, top2[:, 0] == top2[:, 1])):
             outs[k].append(v)
     shape = logits.shape[:-1]
     return tuple(torch.cat(o).reshape(shape) for o in outs)
@@ -116,11 +125,11 @@ def compare(name, logits, targets, ignore_index=-100, got=None, row_index=None):
         if err > TOL[stat]:
             ok = False
         # The kernel-vs-reference agreement that cggr_fn.TokenStats documents.
-        bound = DOCUMENTED_ATOL + (DOCUMENTED_RTOL_LSE * want32[3].double().abs().nan_to_num(0.0) if stat in ("logsumexp", "nll") else 0.0)
+        bound = DOCUMENTED_ATOL + (DOCUMENTED_RTOL_LSE * want32[3].double().abs().nan_to_num(0.0) if stat in ("logsumexp", "nll", "grad_norm") else 0.0)
         if finite.any() and not bool(((g - w32).abs() <= bound)[finite].all()):
             ok = False
             case.setdefault("outside_documented_tolerance", []).append(stat)
-    ties = want[5]
+    ties = want[6]
     valid = ~torch.isnan(want[2])
     margin_zero = got[2] == 0
     case["ties"] = int((ties & valid).sum())
@@ -147,6 +156,17 @@ def check(name, cond, detail=""):
 def make(rows, vocab, dtype, scale=4.0, gen=None):
     x = torch.randn(rows, vocab, device=DEV, dtype=torch.float32, generator=gen) * scale
     return x.to(dtype)
+
+
+def confident(rows, vocab, dtype, gen=None):
+    """Rows whose target (the argmax) holds all but 1 - p_t in {1e-2, ..., 1e-7} of the mass."""
+    x = make(rows, vocab, torch.float32, gen=gen)
+    t = torch.randint(0, vocab, (rows,), device=DEV, generator=gen)
+    x.scatter_(-1, t[:, None], -math.inf)
+    one_minus_p = 10.0 ** -torch.arange(2, 8, device=DEV).repeat(rows // 6 + 1)[:rows]
+    x += (one_minus_p.log() - torch.logsumexp(x, -1))[:, None]
+    x.scatter_(-1, t[:, None], 0.0)
+    return x.to(dtype), t
 
 
 def targets_for(rows, vocab, gen=None):
@@ -187,6 +207,9 @@ def main():
         compare(f"offset {dtype}", (make(rows, vocab, torch.float32, scale=2.0, gen=gen) + 100.0).to(dtype), None)
         compare(f"vocab 2 {dtype}", make(4 * rows, 2, dtype, gen=gen), targets_for(4 * rows, 2, gen))
         compare(f"vocab 3 {dtype}", make(4 * rows, 3, dtype, gen=gen), targets_for(4 * rows, 3, gen))
+        # grad_norm of confident tokens: no cancellation against p_t ~ 1.
+        for vocab in (32000, 128256) if not tiny else (300,):
+            compare(f"confident targets {dtype} vocab {vocab}", *confident(min(rows, 1024), vocab, dtype, gen=gen))
 
     # 1b. Large-magnitude peaked rows stay inside the documented ranges: the
     # maximum's own exponent must be exactly 0 (no FMA residual).
@@ -208,7 +231,7 @@ def main():
             t = targets_for(x.shape[0], vocab, gen)
             configs = bench.sweep_configs(dtype) if not tiny else [kernel.LaunchConfig(1, 2, 4, 4), kernel.LaunchConfig(1, 2, 4, 8, True)]
             for config in configs:
-                outs = tuple(torch.full((x.shape[0],), -7.0, device=DEV) for _ in range(5))
+                outs = tuple(torch.full((x.shape[0],), -7.0, device=DEV) for _ in range(6))
                 kernel.launch(x, t, -100, outs, config)
                 compare(f"config {tuple(config)} {dtype} vocab {vocab}", x, t, got=outs)
 

@@ -17,9 +17,13 @@ _METHODS: dict[str, Callable[[TokenStats], torch.Tensor]] = {
     "confidence": lambda s: 1.0 - s.confidence,
     "margin": lambda s: 1.0 - s.margin,
     "loss": lambda s: s.nll,
+    "grad_norm": lambda s: s.grad_norm,
     # The seed's D_t = H(p) - max(p).
     "combined": lambda s: s.entropy - s.confidence,
 }
+
+#: Methods that score by the target and so need targets.
+_NEEDS_TARGETS = {"loss": "the nll", "grad_norm": "||softmax - onehot(target)||"}
 
 #: Score given to positions that must never be selected (target == ignore_index).
 UNSELECTABLE = float("-inf")
@@ -35,14 +39,16 @@ def score(
     """Difficulty of every token, higher = harder.
 
     Methods: ``"entropy"`` (H), ``"confidence"`` (1 - max p), ``"margin"``
-    (1 - (p1 - p2)), ``"loss"`` (the nll; needs targets), ``"combined"``
-    (H - max p, the seed's D_t), or a callable that maps a :class:`TokenStats`
-    to a tensor of the same shape.
+    (1 - (p1 - p2)), ``"loss"`` (the nll; needs targets), ``"grad_norm"``
+    (``||softmax - onehot(target)||``, the norm of the token's logits
+    gradient, in ``[0, sqrt(2)]``; needs targets), ``"combined"`` (H - max p,
+    the seed's D_t), or a callable that maps a :class:`TokenStats` to a tensor
+    of the same shape.
 
     Positions whose target is ``ignore_index`` score ``-inf``: every selection
     function treats ``-inf`` as "not selectable", so they are never selected.
     A NaN score (a row with NaN or ``+inf`` logits, an out-of-range target
-    under ``"loss"``) is never hidden: selection ranks it as the hardest.
+    under ``"loss"`` or ``"grad_norm"``) is never hidden: selection ranks it as the hardest.
 
     Scores inherit the precision statement of :class:`TokenStats`: the same
     logits on the same path give bitwise the same scores run after run, the
@@ -68,14 +74,16 @@ def score(
       tensor([0.0133, 0.5777, 0.6667])
       >>> cggr_fn.score(logits, torch.tensor([0, 1, -100]), method="loss")
       tensor([0.0134, 0.8620,   -inf])
+      >>> cggr_fn.score(logits, torch.tensor([0, 1, -100]), method="grad_norm")
+      tensor([0.0163, 0.7323,   -inf])
       >>> cggr_fn.score(logits.double()).dtype
       torch.float64
     """
     if isinstance(method, str):
         if method not in _METHODS:
             raise ValueError(f"method: expected one of {sorted(_METHODS)} or a callable, got {method!r}")
-        if method == "loss" and targets is None:
-            raise ValueError('method: "loss" scores by the nll and needs targets, got targets=None')
+        if method in _NEEDS_TARGETS and targets is None:
+            raise ValueError(f'method: "{method}" scores by {_NEEDS_TARGETS[method]} and needs targets, got targets=None')
         to_score = _METHODS[method]
     elif callable(method):
         to_score = method

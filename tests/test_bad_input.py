@@ -28,8 +28,9 @@ CASES = [
     (lambda: cggr_fn.selective_loss(LOGITS, TARGETS.bool(), MASK), TypeError, r"targets: expected an integer tensor"),
     (lambda: cggr_fn.score(LOGITS, TARGETS, ignore_index=-1.5), TypeError, r"ignore_index: expected an int"),
     # score options
-    (lambda: cggr_fn.score(LOGITS, method="perplexity"), ValueError, r"method: expected one of \['combined', 'confidence', 'entropy', 'loss', 'margin'\]"),
+    (lambda: cggr_fn.score(LOGITS, method="perplexity"), ValueError, r"method: expected one of \['combined', 'confidence', 'entropy', 'grad_norm', 'loss', 'margin'\]"),
     (lambda: cggr_fn.score(LOGITS, method="loss"), ValueError, r'method: "loss" scores by the nll and needs targets'),
+    (lambda: cggr_fn.score(LOGITS, method="grad_norm"), ValueError, r'method: "grad_norm" scores by \|\|softmax - onehot\(target\)\|\| and needs targets'),
     (lambda: cggr_fn.score(LOGITS, method=3), TypeError, r"method: expected a str or a callable"),
     (lambda: cggr_fn.score(LOGITS, method=lambda s: s.entropy[0]), ValueError, r"method: the callable must return a tensor of shape \(2, 3\)"),
     (lambda: cggr_fn.score(LOGITS, method=lambda s: s.entropy > 1), TypeError, r"method: the callable must return a floating-point tensor, got dtype torch.bool"),

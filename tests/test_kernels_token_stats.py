@@ -9,6 +9,8 @@ Real sizes, the > 2**31-element case and CUDA graphs are checked on a GPU by
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -18,7 +20,7 @@ from cggr_fn.kernels import token_stats as kernel
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-NAMES = ("entropy", "confidence", "margin", "logsumexp", "nll")
+NAMES = ("entropy", "confidence", "margin", "logsumexp", "nll", "grad_norm")
 INF = float("inf")
 NAN = float("nan")
 
@@ -37,7 +39,7 @@ def assert_same_stats(got, want, *, atol=2e-5, rtol=2e-5):
 
 
 def run_launch(logits, targets, ignore_index, config):
-    outputs = tuple(torch.full((logits.shape[0],), -7.0, device=logits.device) for _ in range(5))
+    outputs = tuple(torch.full((logits.shape[0],), -7.0, device=logits.device) for _ in range(6))
     kernel.launch(logits, targets, ignore_index, outputs, config)
     return outputs
 
@@ -174,21 +176,24 @@ def test_targets_ignore_and_out_of_range(ignore_index):
     got = fused_token_stats(logits, targets, ignore_index)
     want = token_stats_reference(logits, targets, ignore_index)
     assert_same_stats(got, want)
-    nll = got[4].cpu()
+    nll, grad_norm = got[4].cpu(), got[5].cpu()
     for i, t in enumerate(targets.tolist()):
         if t == ignore_index:
-            assert nll[i] == 0.0
+            assert nll[i] == 0.0 and grad_norm[i] == 0.0
         elif not 0 <= t < vocab:
-            assert torch.isnan(nll[i])
+            assert torch.isnan(nll[i]) and torch.isnan(grad_norm[i])
+        else:
+            assert 0 < grad_norm[i] < 2**0.5
     # int32 targets and a strided targets view give the same answer.
     assert_same_stats(fused_token_stats(logits, targets.int(), ignore_index), want)
     wide = torch.stack([targets, targets], dim=1)
     assert_same_stats(fused_token_stats(logits, wide[:, 1], ignore_index), want)
 
 
-def test_without_targets_nll_is_nan():
+def test_without_targets_nll_and_grad_norm_are_nan():
     logits = torch.randn(3, 5).to(DEVICE)
-    assert torch.isnan(fused_token_stats(logits, None, -100)[4]).all()
+    got = fused_token_stats(logits, None, -100)
+    assert torch.isnan(got[4]).all() and torch.isnan(got[5]).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -215,9 +220,13 @@ def test_non_finite_rows(dtype, config):
     assert_same_stats(got, want)
     for stat in got[:4]:
         assert torch.isnan(stat[[0, 1, 2, 6, 7]].cpu()).all()
-    assert got[4][6].item() == 0.0  # ignored, even on a NaN row
+    assert torch.isnan(got[5][[0, 1, 2, 7]].cpu()).all()
+    assert got[4][6].item() == 0.0 and got[5][6].item() == 0.0  # ignored, even on a NaN row
     assert got[0][3].item() == 0.0 and got[1][3].item() == 1.0 and got[2][3].item() == 1.0
+    assert got[5][3].item() == 0.0  # the one finite class is the target: p = onehot
     assert got[4][4].item() == INF  # target is a -inf class
+    p = torch.softmax(logits[4].float().cpu(), dim=0)
+    torch.testing.assert_close(got[5][4].cpu(), (1 + p.square().sum()).sqrt())  # ||p - e_t|| with p_t = 0
 
 
 @pytest.mark.parametrize(
@@ -232,21 +241,73 @@ def test_large_magnitude_rows_stay_in_range(dtype, big):
     assert_same_stats(got, token_stats_reference(logits, None, -100))
 
 
+def grad_norm_truth(logits, targets):
+    """||softmax - onehot(target)|| in float64 from the (rounded) logits, written out."""
+    p = torch.softmax(logits.double(), dim=-1)
+    onehot = torch.nn.functional.one_hot(targets.long(), logits.shape[-1]).double()
+    return (p - onehot).norm(dim=-1)
+
+
+def peaked_rows(n, vocab, one_minus_p, gen):
+    """Rows whose target (column 3, or the last column) holds all but ``one_minus_p`` of the mass."""
+    x = torch.randn(n, vocab, generator=gen)
+    targets = torch.full((n,), 3)
+    targets[1::2] = vocab - 1  # the target in the last, partial block
+    others = torch.ones(n, vocab, dtype=torch.bool)
+    others[torch.arange(n), targets] = False
+    x[others] += math.log(one_minus_p) - torch.logsumexp(x.masked_fill(~others, -INF), -1).repeat_interleave(vocab - 1)
+    x[~others] = 0.0
+    return x + 10 * torch.randn(n, 1, generator=gen), targets  # and an offset per row
+
+
+# Inputs are the rounded 16-bit values themselves, so every dtype meets the same
+# float32 arithmetic: the error is the nll's, a few ulps of the logsumexp.
+GRAD_NORM_ATOL = {torch.float32: 5e-7, torch.bfloat16: 5e-7, torch.float16: 5e-7}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("config", SMALL_CONFIGS, ids=str)
+def test_grad_norm_matches_float64_truth(dtype, config):
+    """Against float64 on the same inputs, confident tokens included: a sum of
+    squares from which the target's ~1 is subtracted keeps only rounding
+    (1e-7 where the answer is 1e-14, a grad_norm off by 3e-4); the kernel
+    leaves the target out of the sum instead."""
+    vocab = 37
+    gen = torch.Generator().manual_seed(config.block)
+    rows = [peaked_rows(4, vocab, eps, gen) for eps in (1e-2, 1e-4, 1e-5, 1e-7)]
+    random = 4 * torch.randn(8, vocab, generator=gen)
+    rows.append((random, torch.randint(0, vocab, (8,), generator=gen)))
+    rows.append((random, random.argmax(-1)))
+    rows.append((torch.zeros(2, vocab), torch.tensor([0, vocab - 1])))  # uniform
+    # A confident target in every column: in the first, a middle, the last full
+    # and the partial block (the kernel masks the target's block apart).
+    every = torch.randn(vocab, vocab, generator=gen) - 18.0
+    every.fill_diagonal_(0.0)
+    rows.append((every, torch.arange(vocab)))
+    logits = torch.cat([r for r, _ in rows]).to(dtype)
+    targets = torch.cat([t for _, t in rows])
+    got = run_launch(logits.to(DEVICE), targets.to(DEVICE), -100, config)[5].cpu().double()
+    want = grad_norm_truth(logits, targets)
+    lse = torch.logsumexp(logits.double(), -1).abs()
+    excess = (got - want).abs() / (1 + lse)
+    assert (excess <= GRAD_NORM_ATOL[dtype]).all(), f"worst error {excess.max().item():.2e} * (1 + |logsumexp|)"
+
+
 def test_opcheck():
     gen = torch.Generator().manual_seed(9)
     logits = torch.randn(2, 3, 11, generator=gen).to(DEVICE)
     targets = torch.randint(0, 11, (2, 3), generator=gen).to(DEVICE)
     torch.library.opcheck(token_stats_op, (logits, targets, -100))
     torch.library.opcheck(token_stats_op, (logits.bfloat16(), targets.int(), 0))
-    # Without targets nll is NaN, which opcheck's output comparison cannot match.
+    # Without targets nll and grad_norm are NaN, which opcheck's output comparison cannot match.
     checks = ("test_schema", "test_autograd_registration", "test_faketensor")
     torch.library.opcheck(token_stats_op, (logits.half(), None, -100), test_utils=checks)
 
 
 def test_compile_fullgraph():
     def score(logits, targets):
-        entropy, confidence, margin, lse, nll = fused_token_stats(logits, targets, -100)
-        return entropy + margin, nll.sum()
+        entropy, confidence, margin, lse, nll, grad_norm = fused_token_stats(logits, targets, -100)
+        return entropy + margin, nll.sum(), grad_norm
 
     # aot_eager traces the op through fake tensors and AOTAutograd like
     # Inductor does, without a minute of CPU code generation; the GPU check
@@ -314,7 +375,7 @@ def test_float64_is_refused_not_rounded():
 def within_documented_tolerance(got, want):
     """The agreement that TokenStats documents between the kernel and the reference."""
     lse = want[3].abs()
-    bounds = (4e-6, 4e-6, 4e-6, 4e-6 + 5e-7 * lse, 4e-6 + 5e-7 * lse)
+    bounds = (4e-6, 4e-6, 4e-6, 4e-6 + 5e-7 * lse, 4e-6 + 5e-7 * lse, 4e-6 + 5e-7 * lse)
     for name, g, w, bound in zip(NAMES, got, want, bounds):
         assert torch.equal(torch.isnan(g), torch.isnan(w)), name
         finite = torch.isfinite(w)

@@ -110,6 +110,11 @@ TABLE: dict[str, Entry] = {
         lambda d, n: (lambda x, t: cggr_fn.score(x, t, method="margin"), (_logits(d, n), _targets(n))),
         skip={"vjp": NOT_DIFFERENTIABLE},
     ),
+    # The method that reads the sixth statistic (grad_norm) and the targets.
+    "score/grad_norm": Entry(
+        lambda d, n: (lambda x, t: cggr_fn.score(x, t, method="grad_norm"), (_logits(d, n), _targets(n))),
+        skip={"vjp": NOT_DIFFERENTIABLE},
+    ),
     "ratio_schedule": Entry(
         lambda d, n: (lambda step: cggr_fn.ratio_schedule(step, warmup_steps=10, final_ratio=0.25), (torch.tensor(3 + 4 * n),)),
         dtypes=(),

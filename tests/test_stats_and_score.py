@@ -19,7 +19,7 @@ def reference_stats(logits, targets=None, ignore_index=-100):
     """Textbook float64 definitions, one row at a time, for finite rows."""
     rows = logits.double().reshape(-1, logits.shape[-1])
     flat_targets = None if targets is None else targets.reshape(-1)
-    out = {k: [] for k in ("entropy", "confidence", "margin", "logsumexp", "nll")}
+    out = {k: [] for k in ("entropy", "confidence", "margin", "logsumexp", "nll", "grad_norm")}
     for i, row in enumerate(rows):
         log_p = torch.log_softmax(row, dim=0)
         p = log_p.exp()
@@ -31,10 +31,13 @@ def reference_stats(logits, targets=None, ignore_index=-100):
         out["logsumexp"].append(torch.logsumexp(row, 0))
         if flat_targets is None:
             out["nll"].append(torch.tensor(NAN, dtype=torch.float64))
+            out["grad_norm"].append(torch.tensor(NAN, dtype=torch.float64))
         elif flat_targets[i] == ignore_index:
             out["nll"].append(torch.tensor(0.0, dtype=torch.float64))
+            out["grad_norm"].append(torch.tensor(0.0, dtype=torch.float64))
         else:
             out["nll"].append(-log_p[flat_targets[i]])
+            out["grad_norm"].append((p - torch.eye(len(p), dtype=torch.float64)[flat_targets[i]]).norm())
     return {k: torch.stack(v).reshape(logits.shape[:-1]) for k, v in out.items()}
 
 
@@ -61,7 +64,7 @@ def test_float64_logits_keep_float64_precision():
     assert all(value.dtype == torch.float64 for value in stats)
     torch.testing.assert_close(stats.nll, -torch.log_softmax(shifted, -1)[:, 0], rtol=1e-7, atol=0)
     torch.testing.assert_close(stats.confidence, torch.softmax(shifted, -1).amax(-1), rtol=1e-7, atol=0)
-    for method in ("entropy", "confidence", "margin", "loss", "combined"):
+    for method in ("entropy", "confidence", "margin", "loss", "grad_norm", "combined"):
         scores = cggr_fn.score(logits, torch.tensor([0]), method=method)
         assert scores.dtype == torch.float64, method
     torch.testing.assert_close(cggr_fn.score(logits, torch.tensor([0]), method="loss"), stats.nll)
@@ -144,6 +147,7 @@ def test_token_stats_has_no_gradient():
         ("confidence", lambda r: 1 - r["confidence"]),
         ("margin", lambda r: 1 - r["margin"]),
         ("loss", lambda r: r["nll"]),
+        ("grad_norm", lambda r: r["grad_norm"]),
         ("combined", lambda r: r["entropy"] - r["confidence"]),
     ],
 )
@@ -159,6 +163,69 @@ def test_score_methods(method, expected):
     assert cggr_fn.score(logits.double(), targets, method=method).dtype == torch.float64
     torch.testing.assert_close(scores[labelled].double(), reference[labelled], atol=1e-5, rtol=1e-5)
     assert torch.isneginf(scores[~labelled]).all()
+
+
+def grad_norm_truth(logits, targets):
+    """||softmax - onehot(target)|| in float64, for finite rows and in-range targets."""
+    p = torch.softmax(logits.double(), dim=-1)
+    return (p - torch.nn.functional.one_hot(targets, logits.shape[-1]).double()).norm(dim=-1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_grad_norm_of_confident_tokens_against_float64(dtype):
+    """p_t = 1 - 1e-7 and thereabouts: sum p**2 - 2 p_t + 1 would cancel to
+    rounding (an error near 3e-4); the reference leaves the target's square out
+    of the sum and is as accurate as its nll, within 5e-7 * (1 + |logsumexp|)."""
+    generator = torch.Generator().manual_seed(4)
+    vocab, rows = 50, []
+    for one_minus_p in (1e-1, 1e-3, 1e-5, 1e-7, 1e-9):
+        x = torch.randn(8, vocab, generator=generator)
+        x[:, 1:] += math.log(one_minus_p) - torch.logsumexp(x[:, 1:], -1, keepdim=True)
+        x[:, 0] = 0.0
+        rows.append(x + 20 * torch.randn(8, 1, generator=generator))
+    logits = torch.cat(rows).to(dtype)
+    targets = torch.zeros(len(logits), dtype=torch.long)
+    got = cggr_fn.token_stats(logits, targets).grad_norm.double()
+    want = grad_norm_truth(logits, targets)
+    lse = torch.logsumexp(logits.double(), -1).abs()
+    assert ((got - want).abs() <= 5e-7 * (1 + lse)).all(), (got - want).abs().max()
+    naive = (torch.softmax(logits.float(), -1).square().sum(-1) - 2 * torch.exp(-got.float()) + 1).clamp(min=0).sqrt()
+    assert (naive.double() - want).abs().max() > 1e-5  # what the rows would do to the naive formula
+
+
+def test_grad_norm_semantics_on_special_rows_and_targets():
+    logits = torch.tensor(
+        [
+            [0.0, 0.0, 0.0, 0.0],  # uniform: sqrt(3/4 ** 2 + 3 / 16) = sqrt(3) / 2
+            [-INF, 2.0, 2.0, -INF],  # -inf entries are probability-zero classes
+            [-INF, 5.0, -INF, -INF],  # target is a -inf class of a one-class row: sqrt(2)
+            [3.0, 1.0, 0.0, 2.0],  # ignored: 0
+            [3.0, 1.0, 0.0, 2.0],  # out of range: NaN
+            [3.0, 1.0, 0.0, 2.0],  # out of range: NaN
+            [1.0, NAN, 0.0, 0.0],  # NaN row: NaN
+            [INF, 1.0, 0.0, 0.0],  # +inf row: NaN
+            [1.0, NAN, 0.0, 0.0],  # NaN row, ignored: 0 like the nll
+            [-INF, 7.0, -INF, -INF],  # the target is certain: exactly 0
+        ]
+    )
+    targets = torch.tensor([2, 1, 0, -100, 4, -1, 0, 0, -100, 1])
+    for dtype in (torch.float32, torch.float64):
+        stats = cggr_fn.token_stats(logits.to(dtype), targets)
+        g = stats.grad_norm
+        assert g.dtype == dtype
+        torch.testing.assert_close(g[:3], torch.tensor([3**0.5 / 2, 0.5**0.5, 2**0.5], dtype=dtype))
+        assert g[3] == 0 and g[8] == 0 and g[9] == 0
+        assert torch.isnan(g[4:8]).all()
+        assert torch.equal(torch.isnan(g), torch.isnan(stats.nll))
+    assert torch.isnan(cggr_fn.token_stats(logits).grad_norm).all()  # no targets
+
+
+def test_grad_norm_keeps_float64():
+    """In float32 these logits all round to 1e8 and grad_norm to its uniform value."""
+    logits = torch.tensor([[1e8, 1e8 + 1, 1e8 - 1]], dtype=torch.float64)
+    got = cggr_fn.token_stats(logits, torch.tensor([1])).grad_norm
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, grad_norm_truth(logits - 1e8, torch.tensor([1])), rtol=1e-7, atol=0)
 
 
 def test_score_accepts_a_callable_on_token_stats():

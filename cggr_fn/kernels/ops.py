@@ -18,12 +18,12 @@ import torch
 from cggr_fn._stats import KERNEL_DTYPES
 from cggr_fn.kernels import token_stats as _kernel
 
-_Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+_Stats = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @torch.library.custom_op("cggr_fn::token_stats", mutates_args=())
 def token_stats_op(logits: torch.Tensor, targets: torch.Tensor | None, ignore_index: int) -> _Stats:
-    """Entropy, confidence, margin, logsumexp and nll of ``(..., vocab)`` logits.
+    """Entropy, confidence, margin, logsumexp, nll and grad_norm of ``(..., vocab)`` logits.
 
     Args:
       logits: floating ``(..., vocab)`` tensor (fp32, bf16 or fp16).
@@ -31,7 +31,7 @@ def token_stats_op(logits: torch.Tensor, targets: torch.Tensor | None, ignore_in
       ignore_index: target value that marks a position without a label.
 
     Returns:
-      Five new float32 tensors of shape ``logits.shape[:-1]``.
+      Six new float32 tensors of shape ``logits.shape[:-1]``.
     """
     vocab = logits.shape[-1]
     lead = logits.shape[:-1]
@@ -43,7 +43,7 @@ def token_stats_op(logits: torch.Tensor, targets: torch.Tensor | None, ignore_in
     # further leading dims that do not collapse into one make reshape copy.
     rows = logits.reshape(1, -1, vocab) if logits.dim() <= 2 else logits.reshape(-1, *logits.shape[-2:])
     n = rows.shape[0] * rows.shape[1]
-    outputs = tuple(torch.empty(n, device=logits.device, dtype=torch.float32) for _ in range(5))
+    outputs = tuple(torch.empty(n, device=logits.device, dtype=torch.float32) for _ in range(6))
     flat_targets = None if targets is None else targets.reshape(-1)
     _kernel.launch(rows, flat_targets, ignore_index, outputs)
     return tuple(out.view(lead) for out in outputs)
@@ -52,7 +52,7 @@ def token_stats_op(logits: torch.Tensor, targets: torch.Tensor | None, ignore_in
 @token_stats_op.register_fake
 def _token_stats_fake(logits: torch.Tensor, targets: torch.Tensor | None, ignore_index: int) -> _Stats:
     shape = logits.shape[:-1]
-    return tuple(logits.new_empty(shape, dtype=torch.float32) for _ in range(5))
+    return tuple(logits.new_empty(shape, dtype=torch.float32) for _ in range(6))
 
 
 @token_stats_op.register_vmap
@@ -69,7 +69,7 @@ def _token_stats_vmap(info, in_dims, logits, targets, ignore_index):
             targets = targets.expand(info.batch_size, *targets.shape)
         else:
             targets = targets.movedim(targets_dim, 0)
-    return token_stats_op(logits, targets, ignore_index), (0, 0, 0, 0, 0)
+    return token_stats_op(logits, targets, ignore_index), (0,) * 6
 
 
 def fused_token_stats(logits: torch.Tensor, targets: torch.Tensor | None, ignore_index: int) -> _Stats:
@@ -86,12 +86,13 @@ def fused_token_stats(logits: torch.Tensor, targets: torch.Tensor | None, ignore
         reference instead); the last dim is read in place
         when it has stride 1, whatever the strides of a (batch, seq) pair of
         leading dims (``logits[:, :-1]`` is not copied).
-      targets: integer tensor of shape ``logits.shape[:-1]``, or None (nll is
-        then NaN).
-      ignore_index: target value that marks a position without a label (nll 0).
+      targets: integer tensor of shape ``logits.shape[:-1]``, or None (nll and
+        grad_norm are then NaN).
+      ignore_index: target value that marks a position without a label (nll
+        and grad_norm 0).
 
     Returns:
-      ``(entropy, confidence, margin, logsumexp, nll)``, float32 tensors of
+      ``(entropy, confidence, margin, logsumexp, nll, grad_norm)``, float32 tensors of
       shape ``logits.shape[:-1]``, constants with respect to any autograd or
       ``torch.func`` transform.
     """

@@ -2,9 +2,11 @@
 
 One program handles one row of a ``(rows, vocab)`` logits matrix and reads it
 exactly once, block by block, keeping an online softmax (running maximum, sum of
-``exp`` and sum of ``exp * shifted``) and the two largest values seen. From that
-state it writes the entropy, the top-1 probability, the top-1 minus top-2
-probability, the logsumexp and the target's negative log-likelihood.
+``exp`` and sum of ``exp * shifted``, and with targets the sum of ``exp**2``
+over the non-target classes) and the two largest values seen. From that state
+it writes the entropy, the top-1 probability, the top-1 minus top-2
+probability, the logsumexp, the target's negative log-likelihood and the norm
+of the logits gradient of the cross-entropy, ``||softmax - onehot(target)||``.
 
 Why the block has the shape ``(K, LANES, VEC)``: on a GPU each thread owns one
 lane and loads ``K`` vectors of ``VEC`` contiguous elements (16 bytes) per
@@ -13,7 +15,10 @@ keeps its *own* online softmax (maximum, sums) and top-2, so the loop has no
 cross-thread reduction, shuffle or barrier at all: the bf16 loop body is about a
 dozen SASS instructions per element (sm_90), under the ~19 instruction slots
 per element that an H100 has at full memory bandwidth. Lanes are merged once,
-at the end of the row.
+at the end of the row. With targets, the sum of squares for grad_norm adds an
+FMA per element and a rescale per block (sm_90, bf16, 4 warps: 129 SASS
+instructions per 8-element loop iteration against 117 without targets); the
+loads are the same.
 
 The arithmetic follows :func:`cggr_fn._stats.token_stats_reference`, which is
 the definition; this module holds only the kernel and :func:`launch`, with no
@@ -47,13 +52,15 @@ def _finite_exponent(delta):
 
 
 @triton.jit
-def _fold_block(x, m1v, m2v, m_l, s_l, t_l):
+def _fold_block(x, is_target, m1v, m2v, m_l, s_l, t_l, q_l, SQUARES: tl.constexpr, MASK: tl.constexpr):
     """Fold one block ``x`` (fp32, shape (K, LANES, VEC), padding -inf) into the state.
 
     State: ``m1v``/``m2v`` the elementwise largest and second-largest values
     seen (duplicates kept, so ties survive), shape (K, LANES, VEC); per lane
     (shape (LANES,)) the running maximum ``m_l`` and the sums ``s_l`` of
-    ``e = 2**d2`` and ``t_l`` of ``e * d2``, ``d2 = (x - m_l) * log2(e)``.
+    ``e = 2**d2`` and ``t_l`` of ``e * d2``, ``d2 = (x - m_l) * log2(e)``, and
+    with ``SQUARES`` ``q_l`` of ``e**2``, leaving out the slot where
+    ``is_target`` (shape (K, LANES, VEC)) is True if ``MASK``.
     """
     m2v = tl.maximum(m2v, tl.minimum(m1v, x))
     m1v = tl.maximum(m1v, x)
@@ -78,7 +85,36 @@ def _fold_block(x, m1v, m2v, m_l, s_l, t_l):
     ed = e * tl.maximum(d2, -1.0e30)
     t_l = scale * (t_l + delta * s_l) + tl.sum(tl.sum(ed, axis=2), axis=0)
     s_l = scale * s_l + tl.sum(tl.sum(e, axis=2), axis=0)
-    return m1v, m2v, m_new, s_l, t_l
+    if SQUARES:
+        if MASK:
+            e_other = tl.where(is_target, 0.0, e)
+        else:
+            e_other = e
+        q_l = scale * scale * q_l + tl.sum(tl.sum(e_other * e_other, axis=2), axis=0)
+    return m1v, m2v, m_new, s_l, t_l, q_l
+
+
+@triton.jit
+def _fold_blocks(
+    row_ptr, offs, start, stop, m1v, m2v, m_l, s_l, t_l, q_l,
+    SQUARES: tl.constexpr, BLOCK: tl.constexpr, PREFETCH: tl.constexpr,
+):
+    """Fold the full blocks ``start <= b < stop`` (none if ``stop <= start``), unmasked."""
+    # Full blocks load unmasked so the loads stay 16-byte vectors whatever the
+    # vocabulary; only the last, partial block pays for a mask.
+    if PREFETCH:
+        # Software pipelining by hand: the next block's loads are in flight
+        # while this block is folded. A uniform scalar mask keeps them vectors.
+        nxt = tl.load(row_ptr + start * BLOCK + offs, mask=start < stop)
+        for b in range(start, stop):
+            x = nxt.to(tl.float32)
+            nxt = tl.load(row_ptr + (b + 1) * BLOCK + offs, mask=b + 1 < stop)
+            m1v, m2v, m_l, s_l, t_l, q_l = _fold_block(x, None, m1v, m2v, m_l, s_l, t_l, q_l, SQUARES, False)
+    else:
+        for b in range(start, stop):
+            x = tl.load(row_ptr + b * BLOCK + offs).to(tl.float32)
+            m1v, m2v, m_l, s_l, t_l, q_l = _fold_block(x, None, m1v, m2v, m_l, s_l, t_l, q_l, SQUARES, False)
+    return m1v, m2v, m_l, s_l, t_l, q_l
 
 
 @triton.jit
@@ -90,6 +126,7 @@ def token_stats_kernel(
     margin_ptr,
     lse_ptr,
     nll_ptr,
+    grad_norm_ptr,
     vocab,
     inner,
     outer_stride,
@@ -103,7 +140,7 @@ def token_stats_kernel(
     VEC: tl.constexpr,
     PREFETCH: tl.constexpr,
 ):
-    """One program per row: read the row once, write its five statistics.
+    """One program per row: read the row once, write its six statistics.
 
     With ``TWO_LEVEL``, rows are addressed as ``row = outer * inner + i`` at
     ``outer * outer_stride + i * row_stride``, so a ``(batch, seq, vocab)``
@@ -129,27 +166,48 @@ def token_stats_kernel(
     m_l = tl.full((LANES,), _NEG_INF, tl.float32)
     s_l = tl.zeros((LANES,), tl.float32)
     t_l = tl.zeros((LANES,), tl.float32)
+    q_l = tl.zeros((LANES,), tl.float32)
 
-    # Full blocks load unmasked so the loads stay 16-byte vectors whatever the
-    # vocabulary; only the last, partial block pays for a mask.
+    if HAS_TARGETS:
+        tgt = tl.load(tgt_ptr + row.to(tl.int64) * tgt_stride).to(tl.int64)
+        labelled = tgt != ignore_index
+        in_range = (tgt >= 0) & (tgt < vocab)
+        # The column whose e**2 the sum of squares leaves out; -1 (no column)
+        # for an ignored or out-of-range target, whose grad_norm is not used.
+        tgt_col = tl.where(in_range & labelled, tgt, -1).to(tl.int32)
+
     n_full = vocab // BLOCK
-    if PREFETCH:
-        # Software pipelining by hand: the next block's loads are in flight
-        # while this block is folded. A uniform scalar mask keeps them vectors.
-        nxt = tl.load(row_ptr + offs, mask=n_full > 0)
-        for b in range(0, n_full):
-            x = nxt.to(tl.float32)
-            nxt = tl.load(row_ptr + (b + 1) * BLOCK + offs, mask=b + 1 < n_full)
-            m1v, m2v, m_l, s_l, t_l = _fold_block(x, m1v, m2v, m_l, s_l, t_l)
+    # With targets, the sum of squares leaves the target's own e**2 out rather
+    # than subtracting it at the end: for a confident token it is ~1 and would
+    # round away the ~1e-14 squares of the other classes, and the difference
+    # would keep only that rounding (1e-7 where the answer is 1e-14). Masking
+    # costs a compare and a select per element, so the hot loop runs unmasked
+    # on the blocks before and after the one full block that holds the target
+    # (``split``; n_full when the target is in the tail or there is none), and
+    # only that block and the tail pay for the mask.
+    if HAS_TARGETS:
+        split = tl.where(tgt_col >= 0, tl.minimum(tgt_col // BLOCK, n_full), n_full)
     else:
-        for b in range(0, n_full):
-            x = tl.load(row_ptr + b * BLOCK + offs).to(tl.float32)
-            m1v, m2v, m_l, s_l, t_l = _fold_block(x, m1v, m2v, m_l, s_l, t_l)
+        split = n_full
+    m1v, m2v, m_l, s_l, t_l, q_l = _fold_blocks(
+        row_ptr, offs, 0, split, m1v, m2v, m_l, s_l, t_l, q_l, HAS_TARGETS, BLOCK, PREFETCH
+    )
+    if HAS_TARGETS:
+        if split < n_full:
+            x = tl.load(row_ptr + split * BLOCK + offs).to(tl.float32)
+            is_target = offs == tgt_col - split * BLOCK
+            m1v, m2v, m_l, s_l, t_l, q_l = _fold_block(x, is_target, m1v, m2v, m_l, s_l, t_l, q_l, True, True)
+            m1v, m2v, m_l, s_l, t_l, q_l = _fold_blocks(
+                row_ptr, offs, split + 1, n_full, m1v, m2v, m_l, s_l, t_l, q_l, True, BLOCK, PREFETCH
+            )
     tail = n_full * BLOCK
     if tail < vocab:
         cols = tail + offs
         x = tl.load(row_ptr + cols, mask=cols < vocab, other=_NEG_INF).to(tl.float32)
-        m1v, m2v, m_l, s_l, t_l = _fold_block(x, m1v, m2v, m_l, s_l, t_l)
+        if HAS_TARGETS:
+            m1v, m2v, m_l, s_l, t_l, q_l = _fold_block(x, cols == tgt_col, m1v, m2v, m_l, s_l, t_l, q_l, True, True)
+        else:
+            m1v, m2v, m_l, s_l, t_l, q_l = _fold_block(x, None, m1v, m2v, m_l, s_l, t_l, q_l, False, False)
 
     # Merge the lanes' online softmaxes into one, relative to the row maximum.
     m = tl.max(m_l, axis=0)
@@ -159,6 +217,7 @@ def token_stats_kernel(
     weight = tl.where(lane_is_empty, 0.0, tl.exp2(delta))
     s = tl.sum(weight * s_l, axis=0)
     t2 = tl.sum(weight * (t_l + delta * s_l), axis=0)
+    q = tl.sum(weight * weight * q_l, axis=0)
 
     # Exact top-2 with duplicates: the maximum counts twice if two slots hold
     # it or if one slot holds it in both m1v and m2v (then max(m2v) equals it).
@@ -190,17 +249,22 @@ def token_stats_kernel(
     tl.store(margin_ptr + row, margin)
     tl.store(lse_ptr + row, lse)
     if HAS_TARGETS:
-        tgt = tl.load(tgt_ptr + row.to(tl.int64) * tgt_stride).to(tl.int64)
-        labelled = tgt != ignore_index
-        in_range = (tgt >= 0) & (tgt < vocab)
         # Never dereference an ignored or out-of-range target.
         safe = tl.where(in_range & labelled, tgt, 0)
         x_t = tl.load(row_ptr + safe, mask=in_range & labelled, other=0.0).to(tl.float32)
         nll = tl.where(in_range, lse - x_t, nan)
-        nll = tl.where(labelled, nll, 0.0)
-        tl.store(nll_ptr + row, nll)
+        # ||p - e_t||**2 = (1 - p_t)**2 + sum_{j != t} p_j**2: two sums of
+        # non-negative terms, no cancellation. 1 - p_t = 1 - exp(-nll) takes a
+        # series below 2**-10, where 1 - exp2 would keep only exp2's rounding.
+        near = nll < 0.0009765625
+        one_minus_p = tl.where(near, nll * (1.0 - nll * (0.5 - nll * 0.16666666666666666)), 1.0 - tl.exp2(-nll * _LOG2E))
+        # NaN nll (broken row, out-of-range target) gives NaN through one_minus_p.
+        grad_norm = tl.sqrt(one_minus_p * one_minus_p + q / (s * s))
+        tl.store(nll_ptr + row, tl.where(labelled, nll, 0.0))
+        tl.store(grad_norm_ptr + row, tl.where(labelled, grad_norm, 0.0))
     else:
         tl.store(nll_ptr + row, tl.full((), nan, tl.float32))
+        tl.store(grad_norm_ptr + row, tl.full((), nan, tl.float32))
 
 
 class LaunchConfig(NamedTuple):
@@ -267,7 +331,7 @@ def launch(
     rows: torch.Tensor,
     targets: torch.Tensor | None,
     ignore_index: int,
-    outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     config: LaunchConfig | None = None,
 ):
     """Run the kernel on a ``(n, vocab)`` or ``(outer, inner, vocab)`` view whose last dim has stride 1.
@@ -277,8 +341,8 @@ def launch(
         the ``n = outer * inner`` rows are taken in row-major order.
       targets: ``(n,)`` integer tensor (any stride) or None.
       ignore_index: target value meaning "no label".
-      outputs: five float32 ``(n,)`` contiguous tensors written in place:
-        entropy, confidence, margin, logsumexp, nll.
+      outputs: six float32 ``(n,)`` contiguous tensors written in place:
+        entropy, confidence, margin, logsumexp, nll, grad_norm.
       config: override of :func:`choose_config` (tests use small blocks).
 
     Returns:
@@ -298,7 +362,7 @@ def launch(
     has_targets = targets is not None
     # The targets pointer is unused without targets; any tensor will do.
     tgt = targets if has_targets else outputs[4]
-    entropy, confidence, margin, lse, nll = outputs
+    entropy, confidence, margin, lse, nll, grad_norm = outputs
     return token_stats_kernel[(n,)](
         rows,
         tgt,
@@ -307,6 +371,7 @@ def launch(
         margin,
         lse,
         nll,
+        grad_norm,
         int(vocab),
         int(inner),
         int(rows.stride(0)),
