@@ -30,7 +30,6 @@ import itertools
 import numbers
 import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from types import CodeType
 from typing import Any
 
 import torch
@@ -162,7 +161,7 @@ class Variant:
 
 def _compiled(
     fn: Callable[..., Any], backend: str, *, dynamic: bool | None, what: str
-) -> tuple[Callable[..., Any], torch._dynamo.testing.CompileCounterWithBackend, CodeType]:
+) -> tuple[Callable[..., Any], torch._dynamo.testing.CompileCounterWithBackend, types.CodeType]:
     """``fn`` compiled with ``fullgraph=True``, every call checked for graph breaks and data-dependent ops; its compile counter; the code object dynamo caches the graphs on."""
     counter = torch._dynamo.testing.CompileCounterWithBackend(backend)
     entry = _entry_point(fn)
@@ -215,8 +214,8 @@ def _entry_point(fn: Callable[..., Any]) -> Callable[..., Any]:
     would fail on the limit, and the entries (with the globals dynamo installs
     in ``fn``'s namespace) would outlive the check. A private code object,
     named uniquely so that dynamo's automatic-dynamic memory (keyed by name and
-    line) is not shared either, makes every check start fresh and takes its
-    cache with it when it is freed. A Python function is copied rather than
+    line) is not shared either, makes every check start fresh, and
+    :func:`_compiling` drops its graphs when the check ends. A Python function is copied rather than
     wrapped so that it runs in its own globals as the top frame (dynamo
     resolves an inlined function's globals through its module name, which a
     doctest namespace does not match).
@@ -225,7 +224,7 @@ def _entry_point(fn: Callable[..., Any]) -> Callable[..., Any]:
     target = fn.__func__ if isinstance(fn, types.MethodType) else fn
     if isinstance(target, types.FunctionType):
         copy = types.FunctionType(
-            target.__code__.replace(co_name=name, co_qualname=name),
+            _renamed(target.__code__, name),
             target.__globals__,
             name,
             target.__defaults__,
@@ -237,8 +236,13 @@ def _entry_point(fn: Callable[..., Any]) -> Callable[..., Any]:
     def call(*args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
 
-    call.__code__ = call.__code__.replace(co_name=name, co_qualname=name)
+    call.__code__ = _renamed(call.__code__, name)
     return call
+
+
+def _renamed(code: types.CodeType, name: str) -> types.CodeType:
+    # co_qualname exists from Python 3.11; the package supports 3.10.
+    return code.replace(co_name=name, **({"co_qualname": name} if hasattr(code, "co_qualname") else {}))
 
 
 def _check_no_data_dependence(graph: torch.fx.GraphModule, what: str) -> None:

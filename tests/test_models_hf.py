@@ -178,6 +178,8 @@ def test_bad_arguments_are_rejected() -> None:
         truncated_router(model, num_layers=4)
     with pytest.raises(ValueError, match="num_layers: expected an int >= 1"):
         truncated_router(model, num_layers=0)
+    with pytest.raises(TypeError, match="positional argument"):
+        truncated_router(model, 1)  # type: ignore[misc]  # options are keyword-only
     with pytest.raises(TypeError, match="params: expected a mapping"):
         truncated_router(model, num_layers=1)(list(model.parameters()), ids_for())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="leak: expected a value in"):

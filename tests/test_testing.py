@@ -205,6 +205,11 @@ def test_assert_depth_routed_gradients_misuse_is_explained():
 # ---------------------------------------------------------------- strategies
 
 
+def test_strategy_options_are_keyword_only():
+    with pytest.raises(TypeError, match="positional argument"):
+        testing.depths(4)  # type: ignore[misc]
+
+
 @settings(max_examples=60, deadline=None)
 @given(testing.score_tensors(), testing.ratios(tensors=True), testing.steps(max_step=30, tensors=True), testing.depths(num_layers=4))
 def test_strategies_draw_valid_arguments(scores, ratio, step, depth):
