@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import numbers
 import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -81,12 +82,17 @@ def _assert_same(got: Any, expected: Any, what: str, *, atol: float | None = Non
                 raise AssertionError(
                     f"{where}: expected {e.dtype} of shape {tuple(e.shape)}, got {g.dtype} of shape {tuple(g.shape)}"
                 )
-            try:
-                torch.testing.assert_close(g, e, atol=atol, rtol=rtol, equal_nan=True)
-            except AssertionError as error:
-                raise AssertionError(f"{where}: values differ\n{error}") from None
+            _assert_close(g, e, f"{where}: values differ", atol=atol, rtol=rtol)
         elif g != e:
             raise AssertionError(f"{where}: expected {e!r}, got {g!r}")
+
+
+def _assert_close(got: torch.Tensor, expected: torch.Tensor, message: str, *, atol: float | None, rtol: float | None) -> None:
+    """``torch.testing.assert_close`` (NaN equals NaN), its report under ``message``."""
+    try:
+        torch.testing.assert_close(got, expected, atol=atol, rtol=rtol, equal_nan=True)
+    except AssertionError as error:
+        raise AssertionError(f"{message}\n{error}") from None
 
 
 def _check_callable(fn: object, name: str = "fn") -> None:
@@ -691,13 +697,8 @@ def assert_routed_gradients(
     expected = _autograd_grads(reference, leaves, cotangents)
     got = _autograd_grads(routed, leaves, cotangents)
     for index, (g, e) in enumerate(zip(got, expected)):
-        try:
-            torch.testing.assert_close(g, e, atol=atol, rtol=rtol, equal_nan=True)
-        except AssertionError as error:
-            raise AssertionError(
-                f"assert_routed_gradients: gradient of floating input {index} differs from the "
-                f"torch.where(mask, y, y.detach()) reference (leak={leak})\n{error}"
-            ) from None
+        _assert_close(g, e, f"assert_routed_gradients: gradient of floating input {index} differs from the "
+                      f"torch.where(mask, y, y.detach()) reference (leak={leak})", atol=atol, rtol=rtol)
     return got
 
 
@@ -788,13 +789,8 @@ def assert_depth_routed_gradients(
                 p.requires_grad_(flag)
     names = ["hidden", *(f"params[{i}]" for i in range(len(params)))]
     for name, g, e in zip(names, got, expected):
-        try:
-            torch.testing.assert_close(g, e, atol=atol, rtol=rtol, equal_nan=True)
-        except AssertionError as error:
-            raise AssertionError(
-                f"assert_depth_routed_gradients: gradient of {name} differs from the per-layer gate reference "
-                f"(leak={leak})\n{error}"
-            ) from None
+        _assert_close(g, e, f"assert_depth_routed_gradients: gradient of {name} differs from the per-layer gate "
+                      f"reference (leak={leak})", atol=atol, rtol=rtol)
     return got
 
 
@@ -809,10 +805,20 @@ def _hypothesis() -> Any:
     return strategies
 
 
-def _shape_strategy(st: Any, shape: tuple[int, ...] | None, max_dims: int, max_side: int) -> Any:
-    if shape is not None:
-        return st.just(tuple(shape))
-    return st.lists(st.integers(1, max_side), min_size=1, max_size=max_dims).map(tuple)
+def _tensor_strategy(
+    st: Any, element: Any, *, shape: tuple[int, ...] | None, max_dims: int, max_side: int, dtype: torch.dtype, via: torch.dtype
+) -> Any:
+    """Tensors of ``shape`` (or of a drawn shape) whose entries are drawn from ``element``, built in ``via`` and cast to ``dtype``."""
+    shapes = st.just(tuple(shape)) if shape is not None else st.lists(
+        st.integers(1, max_side), min_size=1, max_size=max_dims).map(tuple)
+
+    @st.composite
+    def draw(draw_: Any) -> torch.Tensor:
+        size = draw_(shapes)
+        values = draw_(st.lists(element, min_size=math.prod(size), max_size=math.prod(size)))
+        return torch.tensor(values, dtype=via).to(dtype).reshape(size)
+
+    return draw()
 
 
 def score_tensors(
@@ -857,16 +863,7 @@ def score_tensors(
     special = [0.0, 0.5, 1.0] + ([float("nan")] if nan else []) + ([float("inf"), float("-inf")] if inf else [])
     value = st.one_of(st.sampled_from(special), st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False, width=32))
 
-    @st.composite
-    def draw(draw_: Any) -> torch.Tensor:
-        size = draw_(_shape_strategy(st, shape, max_dims, max_side))
-        numel = 1
-        for side in size:
-            numel *= side
-        values = draw_(st.lists(value, min_size=numel, max_size=numel))
-        return torch.tensor(values, dtype=torch.float64).to(dtype).reshape(size)
-
-    return draw()
+    return _tensor_strategy(st, value, shape=shape, max_dims=max_dims, max_side=max_side, dtype=dtype, via=torch.float64)
 
 
 def ratios(*, tensors: bool = False) -> Any:
@@ -960,13 +957,6 @@ def depths(*, num_layers: int, shape: tuple[int, ...] | None = None, max_dims: i
         raise ValueError(f"num_layers: expected an int >= 1, got {num_layers!r}")
     st = _hypothesis()
 
-    @st.composite
-    def draw(draw_: Any) -> torch.Tensor:
-        size = draw_(_shape_strategy(st, shape, max_dims, max_side))
-        numel = 1
-        for side in size:
-            numel *= side
-        values = draw_(st.lists(st.integers(0, num_layers), min_size=numel, max_size=numel))
-        return torch.tensor(values, dtype=torch.int64).reshape(size)
-
-    return draw()
+    return _tensor_strategy(
+        st, st.integers(0, num_layers), shape=shape, max_dims=max_dims, max_side=max_side, dtype=torch.int64, via=torch.int64
+    )
