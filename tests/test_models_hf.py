@@ -6,6 +6,7 @@ Every model is a tiny random-init config built here; nothing is downloaded.
 from __future__ import annotations
 
 import copy
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -521,3 +522,34 @@ def test_router_stays_in_eval_mode_with_checkpointing_enabled() -> None:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     torch.testing.assert_close(router(params_of(model), ids_for()), hand_truncated(model, 2)(input_ids=ids_for()).logits)
+
+
+def test_concurrent_calls_of_one_routed_forward_keep_their_own_gates() -> None:
+    """The gates of a call are its own: a call on another thread that starts
+    (and ends) while this one is between layers does not change its gradients."""
+    model = build("llama", torch.float64)
+    forward, ids = depth_routed_forward(model), ids_for()
+    shallow, full = torch.zeros_like(ids), torch.full_like(ids, LAYERS)
+
+    def grads(depth: torch.Tensor) -> dict[str, torch.Tensor]:
+        return torch.func.grad(lambda p: loss_of(forward(p, depth, input_ids=ids).logits, ids, True))(params_of(model))
+
+    expected = grads(shallow)
+    between_layers, other_done = threading.Event(), threading.Event()
+
+    def pause_once(module: nn.Module, args: tuple) -> None:
+        if threading.current_thread() is threading.main_thread() and not between_layers.is_set():
+            between_layers.set()
+            assert other_done.wait(30)
+
+    handle = model.get_submodule("model.layers")[1].register_forward_pre_hook(pause_once)
+    other = threading.Thread(target=lambda: (between_layers.wait(30), grads(full), other_done.set()))
+    other.start()
+    try:
+        got = grads(shallow)
+    finally:
+        other_done.set()
+        other.join(30)
+        handle.remove()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)
