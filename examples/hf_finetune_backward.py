@@ -69,7 +69,7 @@ def main(argv: Sequence[str] | None = None) -> list[float]:
     torch.manual_seed(args.seed)
     model = tiny_model(args.model, args.layers, args.seq_len).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    router = truncated_router(model, args.router_layers)
+    router = truncated_router(model, num_layers=args.router_layers)
     forward = depth_routed_forward(model)
     if args.checkpointing:
         # Enabled on the model; the routed forward follows it (the router, in eval mode, never checkpoints).

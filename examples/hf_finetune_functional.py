@@ -65,7 +65,7 @@ def tiny_model(name: str, num_layers: int, seq_len: int) -> nn.Module:
 
 def make_step(model: nn.Module, *, router_layers: int, num_buckets: int, warmup_steps: int) -> Callable[..., tuple[Params, torch.Tensor, torch.Tensor]]:
     """The CGGR step: ``(params, input_ids, step) -> (grads, loss, mean depth)``, a pure function."""
-    router = truncated_router(model, router_layers)
+    router = truncated_router(model, num_layers=router_layers)
     forward = depth_routed_forward(model)
 
     def step_fn(params: Params, input_ids: torch.Tensor, step: torch.Tensor) -> tuple[Params, torch.Tensor, torch.Tensor]:

@@ -36,7 +36,7 @@ def build(name: str) -> nn.Module:
 def test_routed_training_step_compiles_fullgraph(name: str) -> None:
     torch._dynamo.reset()
     model = build(name).train()
-    router = truncated_router(model, 1)
+    router = truncated_router(model, num_layers=1)
     forward = depth_routed_forward(model)
     params = {key: value.detach() for key, value in model.named_parameters()}
 
@@ -75,7 +75,7 @@ def test_routed_training_step_compiles_fullgraph(name: str) -> None:
 def test_hardest_sequence_step_compiles_fullgraph() -> None:
     torch._dynamo.reset()
     model = build("llama").train()
-    router = truncated_router(model, 1)
+    router = truncated_router(model, num_layers=1)
     params = {key: value.detach() for key, value in model.named_parameters()}
     ids = torch.randint(3, VOCAB, (4, SEQ), generator=torch.Generator().manual_seed(1))
     mask = torch.ones(4, SEQ, dtype=torch.long)

@@ -73,7 +73,7 @@ def test_gradcheck_selective_lm_loss(normalize: str) -> None:
 
 def test_gradcheck_hardest_sequence_loss() -> None:
     model = tiny_gpt2().eval()
-    router = truncated_router(model, 1)
+    router = truncated_router(model, num_layers=1)
     ids, labels, mask = batch()
     fn, inputs = of_params(model, PARAMS, lambda p: hardest_sequence_loss(
         model, router, p, ids, labels, ratio=0.5, attention_mask=mask))

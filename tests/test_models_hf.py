@@ -6,6 +6,7 @@ Every model is a tiny random-init config built here; nothing is downloaded.
 from __future__ import annotations
 
 import copy
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -136,7 +137,7 @@ def test_unknown_architecture_raises_with_instructions() -> None:
     with pytest.raises(ValueError, match=r"model: cannot find the layer stack of a Toy.*parts=cggr_fn\.models\.ModelParts"):
         detect_parts(Toy())
     with pytest.raises(ValueError, match="cannot find the layer stack"):
-        truncated_router(Toy(), 1)
+        truncated_router(Toy(), num_layers=1)
     with pytest.raises(ValueError, match="cannot find the layer stack"):
         depth_routed_forward(Toy())
 
@@ -145,7 +146,7 @@ def test_explicit_parts_work_for_an_unknown_architecture() -> None:
     toy = Toy().double()
     parts = ModelParts(layers="blocks", embedding="tok", head="out")
     ids = ids_for()
-    router = truncated_router(toy, 1, parts=parts)
+    router = truncated_router(toy, num_layers=1, parts=parts)
     h = toy.tok(ids)
     expected = toy.out(h + toy.blocks[0](h))
     torch.testing.assert_close(router(params_of(toy), ids), expected)
@@ -167,19 +168,21 @@ def test_explicit_parts_work_for_an_unknown_architecture() -> None:
 )
 def test_bad_parts_are_rejected(parts: object, error: type, match: str) -> None:
     with pytest.raises(error, match=match):
-        truncated_router(Toy(), 1, parts=parts)  # type: ignore[arg-type]
+        truncated_router(Toy(), num_layers=1, parts=parts)  # type: ignore[arg-type]
 
 
 def test_bad_arguments_are_rejected() -> None:
     model = build("llama")
     with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
-        truncated_router("llama", 1)  # type: ignore[arg-type]
+        truncated_router("llama", num_layers=1)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match=r"num_layers: expected at most the 3 layers of 'model.layers', got 4"):
-        truncated_router(model, 4)
+        truncated_router(model, num_layers=4)
     with pytest.raises(ValueError, match="num_layers: expected an int >= 1"):
-        truncated_router(model, 0)
+        truncated_router(model, num_layers=0)
+    with pytest.raises(TypeError, match="positional argument"):
+        truncated_router(model, 1)  # type: ignore[misc]  # options are keyword-only
     with pytest.raises(TypeError, match="params: expected a mapping"):
-        truncated_router(model, 1)(list(model.parameters()), ids_for())  # type: ignore[arg-type]
+        truncated_router(model, num_layers=1)(list(model.parameters()), ids_for())  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="leak: expected a value in"):
         depth_routed_forward(model, leak=2.0)
     forward = depth_routed_forward(model)
@@ -188,7 +191,7 @@ def test_bad_arguments_are_rejected() -> None:
     with pytest.raises(ValueError, match="mask: expected a shape broadcastable"):
         forward(params_of(model), torch.ones(3, SEQ, dtype=torch.long), input_ids=ids_for())
     with pytest.raises(TypeError, match="the router needs a model with an output head"):
-        truncated_router(model.model, 1)(params_of(model.model), ids_for())
+        truncated_router(model.model, num_layers=1)(params_of(model.model), ids_for())
 
 
 # --------------------------------------------------------------------------- the router
@@ -199,7 +202,7 @@ def test_router_equals_a_hand_truncated_model(name: str) -> None:
     model = build(name, torch.float64)
     ids = ids_for()
     for k in (1, LAYERS):
-        router = truncated_router(model, k)
+        router = truncated_router(model, num_layers=k)
         expected = hand_truncated(model, k)(input_ids=ids).logits
         torch.testing.assert_close(router(params_of(model), ids), expected)
 
@@ -210,13 +213,13 @@ def test_router_honours_attention_mask_like_the_model(name: str) -> None:
     ids, mask = ids_for(), torch.ones(2, SEQ, dtype=torch.long)
     mask[1, 5:] = 0
     expected = hand_truncated(model, 2)(input_ids=ids, attention_mask=mask).logits
-    torch.testing.assert_close(truncated_router(model, 2)(params_of(model), ids, attention_mask=mask), expected)
+    torch.testing.assert_close(truncated_router(model, num_layers=2)(params_of(model), ids, attention_mask=mask), expected)
 
 
 @pytest.mark.parametrize("name", ["llama", "gpt2", "gpt_neox"])
 def test_router_uses_the_params_it_is_given(name: str) -> None:
     model = build(name, torch.float64)
-    router, ids = truncated_router(model, 2), ids_for()
+    router, ids = truncated_router(model, num_layers=2), ids_for()
     params = params_of(model)
     # Extra names (the skipped layer) are ignored; changed values are used.
     scaled = {key: value * 1.5 for key, value in params.items()}
@@ -231,7 +234,7 @@ def test_router_shares_the_models_tensors(name: str) -> None:
     model = build(name)
     before = {n: (p, p.data_ptr()) for n, p in model.named_parameters()}
     model_tensors = {id(t) for t in list(model.parameters()) + list(model.buffers())}
-    router = truncated_router(model, 1)
+    router = truncated_router(model, num_layers=1)
     view_params = list(router.module.named_parameters())
     assert view_params and all(id(p) in model_tensors for _, p in view_params)
     assert all(id(b) in model_tensors for b in router.module.buffers())
@@ -245,7 +248,7 @@ def test_router_shares_the_models_tensors(name: str) -> None:
 
 def test_router_follows_the_model_when_it_is_cast() -> None:
     model = build("llama")
-    router = truncated_router(model, 1)
+    router = truncated_router(model, num_layers=1)
     model.double()  # replaces buffers (rotary inv_freq) with new tensors
     logits = router(params_of(model), ids_for())
     assert logits.dtype == torch.float64
@@ -258,7 +261,7 @@ def test_router_runs_in_eval_mode_without_changing_the_model(name: str) -> None:
                "bert": dict(hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5),
                "llama": dict(attention_dropout=0.5)}[name]
     model = build(name, torch.float64, **dropout).train()
-    router, ids = truncated_router(model, 2), ids_for()
+    router, ids = truncated_router(model, num_layers=2), ids_for()
     first = router(params_of(model), ids)
     torch.testing.assert_close(router(params_of(model), ids), first)
     torch.testing.assert_close(first, hand_truncated(model, 2)(input_ids=ids).logits)
@@ -268,7 +271,7 @@ def test_router_runs_in_eval_mode_without_changing_the_model(name: str) -> None:
 
 def test_router_logits_are_constants_under_grad() -> None:
     model = build("llama")
-    router, ids = truncated_router(model, 1), ids_for()
+    router, ids = truncated_router(model, num_layers=1), ids_for()
     grads = torch.func.grad(lambda p: router(p, ids).sum())(params_of(model))
     assert all(bool((g == 0).all()) for g in grads.values())
 
@@ -279,7 +282,7 @@ def test_router_logits_are_constants_under_grad() -> None:
 @pytest.mark.parametrize("name", ["llama", "gpt2", "bert"])
 def test_padding_never_selected_and_never_changes_real_scores(name: str) -> None:
     model = build(name, torch.float64)
-    router, causal = truncated_router(model, 2), CAUSAL[name]
+    router, causal = truncated_router(model, num_layers=2), CAUSAL[name]
     lengths = (SEQ, 5)
     ids = ids_for()
     mask = (torch.arange(SEQ) < torch.tensor(lengths)[:, None]).long()
@@ -303,7 +306,7 @@ def test_padding_never_selected_and_never_changes_real_scores(name: str) -> None
 @pytest.mark.parametrize("name", ["llama", "gpt2"])
 def test_left_padding_with_position_ids(name: str) -> None:
     model = build(name, torch.float64)
-    router = truncated_router(model, 2)
+    router = truncated_router(model, num_layers=2)
     ids = ids_for()
     mask = torch.ones(2, SEQ, dtype=torch.long)
     mask[1, :3] = 0
@@ -515,7 +518,38 @@ def test_gradient_checkpointing_inside_torch_func_raises_clearly() -> None:
 
 def test_router_stays_in_eval_mode_with_checkpointing_enabled() -> None:
     model = build("llama", torch.float64, attention_dropout=0.5)
-    router = truncated_router(model, 2)
+    router = truncated_router(model, num_layers=2)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     torch.testing.assert_close(router(params_of(model), ids_for()), hand_truncated(model, 2)(input_ids=ids_for()).logits)
+
+
+def test_concurrent_calls_of_one_routed_forward_keep_their_own_gates() -> None:
+    """The gates of a call are its own: a call on another thread that starts
+    (and ends) while this one is between layers does not change its gradients."""
+    model = build("llama", torch.float64)
+    forward, ids = depth_routed_forward(model), ids_for()
+    shallow, full = torch.zeros_like(ids), torch.full_like(ids, LAYERS)
+
+    def grads(depth: torch.Tensor) -> dict[str, torch.Tensor]:
+        return torch.func.grad(lambda p: loss_of(forward(p, depth, input_ids=ids).logits, ids, True))(params_of(model))
+
+    expected = grads(shallow)
+    between_layers, other_done = threading.Event(), threading.Event()
+
+    def pause_once(module: nn.Module, args: tuple) -> None:
+        if threading.current_thread() is threading.main_thread() and not between_layers.is_set():
+            between_layers.set()
+            assert other_done.wait(30)
+
+    handle = model.get_submodule("model.layers")[1].register_forward_pre_hook(pause_once)
+    other = threading.Thread(target=lambda: (between_layers.wait(30), grads(full), other_done.set()))
+    other.start()
+    try:
+        got = grads(shallow)
+    finally:
+        other_done.set()
+        other.join(30)
+        handle.remove()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0, msg=key)

@@ -188,7 +188,7 @@ def test_selective_lm_loss_compiles_fullgraph() -> None:
 
 def test_hardest_sequence_loss_trains_on_the_hardest_sequences() -> None:
     model = tiny_llama()
-    router = truncated_router(model, 1)
+    router = truncated_router(model, num_layers=1)
     params = params_of(model)
     ids, labels, mask = batch()
     grads, loss = torch.func.grad_and_value(
@@ -213,7 +213,7 @@ def test_hardest_sequence_loss_trains_on_the_hardest_sequences() -> None:
 
 def test_routing_mask_has_static_shape_and_skips_padding() -> None:
     model = tiny_llama()
-    router = truncated_router(model, 2)
+    router = truncated_router(model, num_layers=2)
     ids, labels, mask = batch()
     out = routing_mask(router, params_of(model), ids, ratio=0.5, attention_mask=mask)
     assert isinstance(out, ScoredMask) and out.mask.shape == ids.shape and out.mask.dtype == torch.bool
@@ -235,7 +235,7 @@ def test_routing_mask_has_static_shape_and_skips_padding() -> None:
 
 def test_routing_mask_returns_the_statistics_to_log() -> None:
     model = tiny_llama()
-    router = truncated_router(model, 2)
+    router = truncated_router(model, num_layers=2)
     ids, labels, mask = batch()
     out = routing_mask(router, params_of(model), ids, ratio=0.25, labels=labels, attention_mask=mask)
     selectable = ~torch.isneginf(out.difficulty)

@@ -243,14 +243,6 @@ def _cases() -> list[Any]:
     ]
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    """Every case compiles from scratch (dynamo caches per code object, and the table reuses lambdas)."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def _floating_dtypes(tree: Any) -> list[torch.dtype]:
     return [x.dtype for x in torch.utils._pytree.tree_leaves(tree) if isinstance(x, torch.Tensor) and x.is_floating_point()]
 

@@ -11,13 +11,6 @@ import cggr_fn
 from cggr_fn import testing
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def test_importing_the_kit_needs_neither_pytest_nor_hypothesis():
     code = (
         "import sys; sys.modules['pytest'] = None; sys.modules['hypothesis'] = None\n"
@@ -212,8 +205,13 @@ def test_assert_depth_routed_gradients_misuse_is_explained():
 # ---------------------------------------------------------------- strategies
 
 
+def test_strategy_options_are_keyword_only():
+    with pytest.raises(TypeError, match="positional argument"):
+        testing.depths(4)  # type: ignore[misc]
+
+
 @settings(max_examples=60, deadline=None)
-@given(testing.score_tensors(), testing.ratios(tensors=True), testing.steps(max_step=30, tensors=True), testing.depths(4))
+@given(testing.score_tensors(), testing.ratios(tensors=True), testing.steps(max_step=30, tensors=True), testing.depths(num_layers=4))
 def test_strategies_draw_valid_arguments(scores, ratio, step, depth):
     assert scores.dtype == torch.float32 and 1 <= scores.dim() <= 2
     assert 0 < float(ratio) <= 1 and 0 <= int(step) <= 30
@@ -237,3 +235,43 @@ def test_score_strategy_draws_the_values_that_break_rankings():
 
     look()
     assert all(seen.values()), seen
+
+
+# ------------------------------------------------------- compiling, repeatedly
+
+
+def test_checks_of_one_function_start_fresh_and_leave_nothing_compiled():
+    """Each check compiles for its own counter: repeated past dynamo's limit
+    of graphs per code object, checks of one function still pass, and no
+    graph stays cached on the function."""
+    fn = lambda t: t * 2.0  # noqa: E731
+    for _ in range(torch._dynamo.config.recompile_limit + 1):
+        testing.assert_compiles(fn, torch.ones(3))
+        testing.assert_variants(fn, torch.ones(3), variants=("compile", "dynamic"))
+        testing.assert_max_recompiles(fn, 1, [(torch.ones(3),)])
+    assert torch._dynamo.eval_frame._debug_get_cache_entry_list(fn.__code__) == []
+
+
+DOCTEST_OF_THE_CHECKS = """
+>>> import torch, cggr_fn
+>>> from cggr_fn import testing
+>>> testing.assert_compiles(lambda s, step: cggr_fn.bucket(s, step, warmup_steps=10), torch.randn(8), torch.tensor(3))
+>>> testing.assert_max_recompiles(lambda x: cggr_fn.select(x, ratio=0.5), 2, [(torch.ones(4),), (torch.ones(6),)])
+>>> testing.assert_variants(lambda x: cggr_fn.score(x), torch.randn(2, 3), variants=("compile", "dynamic"))
+"""
+
+
+def test_a_doctest_of_the_checks_exits_cleanly():
+    """A doctest clears its namespace when it ends, before the process exits;
+    graphs that a check left cached made dynamo's clean-up print
+    "Exception ignored ... KeyError: '__builtins_dict___N'" at exit."""
+    code = (
+        "import doctest, sys\n"
+        f"test = doctest.DocTestParser().get_doctest({DOCTEST_OF_THE_CHECKS!r}, {{}}, 'checks', None, 0)\n"
+        "runner = doctest.DocTestRunner()\n"
+        "runner.run(test)\n"
+        "sys.exit(runner.failures)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
+    assert "Exception ignored" not in done.stderr, done.stderr

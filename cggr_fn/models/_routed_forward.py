@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -17,16 +18,21 @@ from cggr_fn.models._detect import ModelParts, resolve_parts
 from cggr_fn.models._view import follower_class, follower_copy, path_view, source_of
 
 
-class _Gates:
+class _Gates(threading.local):
     """The gradient gates of the call in progress, read by the view's layers.
 
     Each call sets the gates and clears them on exit, so no state survives a
-    call; the layers are ungated when no gates are set.
+    call; the layers are ungated when no gates are set. Thread-local, so calls
+    of one forward on several threads at once each see their own gates.
     """
 
     def __init__(self, leak: float) -> None:
         self.masks: list[torch.Tensor] | None = None
         self.leak = leak
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> _Gates:
+        # A copy shares no call in progress (and a thread-local cannot be pickled).
+        return type(self)(self.leak)
 
 
 def _gate_input(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], mask: torch.Tensor,

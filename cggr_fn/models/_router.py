@@ -52,7 +52,7 @@ class TruncatedRouter:
         return f"TruncatedRouter({type(self.module).__name__}, num_layers={self.num_layers}, layers={self.parts.layers!r})"
 
 
-def truncated_router(model: nn.Module, num_layers: int, *, parts: ModelParts | None = None) -> TruncatedRouter:
+def truncated_router(model: nn.Module, *, num_layers: int, parts: ModelParts | None = None) -> TruncatedRouter:
     """A cheap scorer: the model with only its first ``num_layers`` layers, in eval mode.
 
     Replaces the seed's ``create_truncated_router``. The router runs the
