@@ -88,6 +88,10 @@ CASES = [
     (lambda: cggr_fn.selective_loss(LOGITS, TARGETS, MASK.to("meta")), ValueError, r"mask: expected device cpu \(the logits' device\), got meta"),
     (lambda: cggr_fn.token_stats(LOGITS, TARGETS.to("meta")), ValueError, r"targets: expected device cpu \(the logits' device\), got meta"),
     (lambda: cggr_fn.selective_loss(LOGITS, TARGETS, MASK, normalize="batch"), ValueError, r"normalize: expected one of \('selected', 'valid'\)"),
+    (lambda: cggr_fn.selective_loss(LOGITS, TARGETS, MASK, weights=[1.0]), TypeError, r"weights: expected a floating-point tensor, got list"),
+    (lambda: cggr_fn.selective_loss(LOGITS, TARGETS, MASK, weights=TARGETS), TypeError, r"weights: expected a floating-point tensor, got torch.int64"),
+    (lambda: cggr_fn.selective_loss(LOGITS, TARGETS, MASK, weights=torch.ones(3)), ValueError, r"weights: expected shape \(2, 3\)"),
+    (lambda: cggr_fn.selective_loss(LOGITS, TARGETS, MASK, weights=torch.ones(2, 3, device="meta")), ValueError, r"weights: expected device cpu"),
 ]
 
 

@@ -35,6 +35,10 @@ def test_gradcheck_selective_loss(normalize):
     assert torch.autograd.gradcheck(
         lambda x: cggr_fn.selective_loss(x, targets, mask, normalize=normalize), (logits,)
     )
+    weights = torch.rand(2, 3, dtype=DOUBLE, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w: cggr_fn.selective_loss(x, targets, mask, weights=w, normalize=normalize), (logits, weights)
+    )
 
 
 @pytest.mark.parametrize("leak", [0.0, 0.25])

@@ -8,15 +8,17 @@ import torch
 import cggr_fn
 
 
-def reference_loss(logits, targets, mask, normalize, ignore_index=-100):
+def reference_loss(logits, targets, mask, normalize, ignore_index=-100, weights=None):
     total, selected, labelled = 0.0, 0, 0
-    for row, target, chosen in zip(logits.double().reshape(-1, logits.shape[-1]), targets.reshape(-1), mask.reshape(-1)):
+    weights = torch.ones(targets.shape) if weights is None else weights
+    rows = logits.double().reshape(-1, logits.shape[-1])
+    for row, target, chosen, weight in zip(rows, targets.reshape(-1), mask.reshape(-1), weights.double().reshape(-1)):
         if target == ignore_index:
             continue
         labelled += 1
         if chosen:
             selected += 1
-            total += float(torch.logsumexp(row, 0) - row[target])
+            total += float(weight * (torch.logsumexp(row, 0) - row[target]))
     denominator = selected if normalize == "selected" else labelled
     return total / max(denominator, 1)
 
@@ -33,6 +35,58 @@ def test_selective_loss_matches_reference(normalize, dtype):
     assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and loss.dim() == 0
     rel = 1e-12 if dtype == torch.float64 else 1e-5
     assert float(loss) == pytest.approx(reference_loss(logits, targets, mask, normalize), rel=rel)
+
+
+@pytest.mark.parametrize("normalize", ["selected", "valid"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_weighted_selective_loss_matches_reference(normalize, dtype):
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 6, 10, generator=generator).to(dtype)
+    targets = torch.randint(0, 10, (3, 6), generator=generator)
+    targets[2, 3:] = -100
+    mask = torch.rand(3, 6, generator=generator) > 0.5
+    weights = torch.rand(3, 6, generator=generator, dtype=dtype) * 3
+    loss = cggr_fn.selective_loss(logits, targets, mask, weights=weights, normalize=normalize)
+    assert loss.dtype == dtype
+    rel = 1e-12 if dtype == torch.float64 else 1e-5
+    assert float(loss) == pytest.approx(reference_loss(logits, targets, mask, normalize, weights=weights), rel=rel)
+    unit = cggr_fn.selective_loss(logits, targets, mask, weights=torch.ones(3, 6, dtype=dtype), normalize=normalize)
+    assert torch.equal(unit, cggr_fn.selective_loss(logits, targets, mask, normalize=normalize))
+
+
+def test_weights_of_untrained_tokens_are_never_read():
+    logits = torch.randn(4, 5, requires_grad=True)
+    targets = torch.tensor([1, 2, -100, 3])
+    mask = torch.tensor([True, False, True, True])  # row 1 unselected, row 2 ignored
+    bad = torch.tensor([2.0, float("nan"), float("inf"), 0.5], requires_grad=True)
+    good = torch.tensor([2.0, 7.0, 7.0, 0.5], requires_grad=True)
+    loss_bad, loss_good = (cggr_fn.selective_loss(logits, targets, mask, weights=w) for w in (bad, good))
+    assert torch.equal(loss_bad, loss_good) and torch.isfinite(loss_bad)
+    (g_logits_bad, g_w_bad), (g_logits_good, g_w_good) = (
+        torch.autograd.grad(loss, (logits, w)) for loss, w in ((loss_bad, bad), (loss_good, good))
+    )
+    assert torch.equal(g_logits_bad, g_logits_good) and torch.equal(g_w_bad, g_w_good)
+    assert g_w_bad[1] == 0 and g_w_bad[2] == 0
+    # A NaN weight of a trained token is visible.
+    assert torch.isnan(cggr_fn.selective_loss(logits, targets, mask, weights=torch.tensor([float("nan"), 1.0, 1.0, 1.0])))
+
+
+def test_inverse_inclusion_weights_make_the_valid_mean_unbiased():
+    """Over every k-subset (each token included with probability k/n), the mean of the
+    weighted loss with weights n/k and "valid" normalisation is exactly the dense mean."""
+    import itertools
+
+    n, k = 6, 2
+    logits = torch.randn(n, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    targets = torch.randint(0, 7, (n,), generator=torch.Generator().manual_seed(5))
+    weights = torch.full((n,), n / k, dtype=torch.float64)
+    losses = []
+    for subset in itertools.combinations(range(n), k):
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[list(subset)] = True
+        losses.append(cggr_fn.selective_loss(logits, targets, mask, weights=weights, normalize="valid"))
+    dense = torch.nn.functional.cross_entropy(logits, targets)
+    torch.testing.assert_close(torch.stack(losses).mean(), dense, rtol=1e-12, atol=1e-12)
 
 
 def test_normalisation_by_valid_keeps_per_token_gradient_independent_of_the_ratio():

@@ -185,6 +185,12 @@ TABLE: dict[str, Entry] = {
             (_logits(d, n), _targets(n), _scores(torch.float32, n) > 0),
         ),
     ),
+    "selective_loss/weighted": Entry(
+        lambda d, n: (
+            lambda x, t, m, w: cggr_fn.selective_loss(x, t, m, weights=w),
+            (_logits(d, n), _targets(n), _scores(torch.float32, n) > 0, _scores(torch.float32, n).abs()),
+        ),
+    ),
     # cggr_fn.models: the functions of tensors.
     "models.lm_targets": Entry(
         lambda d, n: (lambda labels, am: models.lm_targets(labels, attention_mask=am), (_targets(n), _targets(n) != 0)),
