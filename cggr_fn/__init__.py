@@ -14,7 +14,7 @@ from cggr_fn._loss import selective_loss
 from cggr_fn._ranking import capacity
 from cggr_fn._routing import depth_masks, route_depth, route_grad
 from cggr_fn._scoring import score
-from cggr_fn._selection import select
+from cggr_fn._selection import Sample, priority_sample, select
 from cggr_fn._stats import TokenStats, token_stats
 
 try:
@@ -26,6 +26,7 @@ except _metadata.PackageNotFoundError:
     __version__ = "0+unknown"
 
 __all__ = [
+    "Sample",
     "TokenStats",
     "bucket",
     "bucket_depth",
@@ -34,6 +35,7 @@ __all__ = [
     "checking",
     "depth_masks",
     "dynamic_ratio",
+    "priority_sample",
     "ratio_schedule",
     "route_depth",
     "route_grad",

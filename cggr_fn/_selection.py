@@ -1,14 +1,15 @@
-"""Token selection: a fixed number of tokens, chosen by difficulty, as a boolean mask."""
+"""Token selection: a fixed number of tokens, chosen by difficulty (a mask) or sampled by importance (a mask and weights)."""
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
 from cggr_fn import _checks
 from cggr_fn._curriculum import Ratio, Step
-from cggr_fn._ranking import capacity, difficulty_rank, inverse_permutation, selectable
+from cggr_fn._ranking import capacity, difficulty_order, difficulty_rank, inverse_permutation, selectable
 
 STRATEGIES = ("topk", "stratified", "sequence_aware")
 
@@ -96,6 +97,95 @@ def select(
             )
         first = (difficulty_rank(rows) < min_per_sequence).reshape(-1)
     return _fill_to_capacity(first, rank, selectable(flat), k).reshape(scores.shape)
+
+
+class Sample(NamedTuple):
+    """A fixed-size importance sample of tokens; see :func:`priority_sample`.
+
+    Attributes:
+      mask: boolean, true at the sampled tokens.
+      weights: the estimator weight of every sampled token (``>= 1``), 0 elsewhere;
+        pass it to :func:`selective_loss` as ``weights=``.
+    """
+
+    mask: torch.Tensor
+    weights: torch.Tensor
+
+
+def priority_sample(
+    importance: torch.Tensor, *, ratio: Ratio, seed: Step = 0, uniform_mix: float = 0.0
+) -> Sample:
+    """Sample exactly ``k = capacity(n, ratio=ratio)`` tokens with probability increasing in ``importance``, unbiasedly.
+
+    Priority sampling: token ``i`` draws ``u_i`` in ``(0, 1]`` from a hash of
+    (position, ``seed``), gets the priority ``w_i / u_i``, and the ``k`` largest
+    priorities are kept. With ``tau`` the ``(k+1)``-th largest priority, a kept
+    token's weight is ``max(w_i, tau) / w_i`` (one over its inclusion
+    probability given ``tau``), so for any per-token values ``x``,
+    ``sum(weights * x)`` is an unbiased estimate of ``sum(x)``: with
+    ``selective_loss(logits, targets, mask, weights=weights, normalize="valid")``
+    the loss (and its gradient) estimates the dense mean without bias, while
+    the tokens that matter most are sampled most often. Unlike top-k by
+    difficulty, which biases training toward the hardest tokens, this spends
+    the same fixed budget without changing what is learned in expectation.
+
+    A token of importance 0 is never sampled while ``k`` positive-importance
+    tokens exist, so the estimate is unbiased for values that vanish where the
+    importance does (e.g. importance = the logits-gradient norm). For any
+    values, mix in a uniform share: ``w' = (1 - uniform_mix) * w / mean(w) +
+    uniform_mix`` gives every token a positive probability (defensive
+    importance sampling). ``-inf`` marks tokens that cannot be sampled
+    (ignored positions, as :func:`score` gives them); a NaN importance is
+    sampled first and gets a NaN weight, so it shows in the loss. Negative
+    importance counts as 0 (:func:`checking` raises on it). Static shapes,
+    no host sync, no generator state: the same ``seed`` gives the same sample
+    on every device; pass the step as the seed for a new draw each step.
+
+    Args:
+      importance: floating tensor of non-negative importances (e.g.
+        ``score(logits, targets, method="grad_norm")``), any shape.
+      ratio: keep ratio in ``(0, 1]``, a float or a 0-d floating tensor.
+      seed: int or 0-d integer tensor (e.g. the step).
+      uniform_mix: share of uniform sampling mixed into the importances, in ``[0, 1]``.
+
+    Returns:
+      A :class:`Sample` ``(mask, weights)`` of ``importance.shape``; weights in
+      the importance's dtype (float32 for narrower floats).
+
+    Example:
+      >>> import torch, cggr_fn
+      >>> importance = torch.tensor([4.0, 1.0, 0.0, 1.0, 2.0, float("-inf")])
+      >>> sample = cggr_fn.priority_sample(importance, ratio=0.5, seed=0)
+      >>> sample.mask.int()
+      tensor([1, 0, 0, 1, 1, 0], dtype=torch.int32)
+      >>> sample.weights
+      tensor([1.0000, 0.0000, 0.0000, 1.0951, 1.0000, 0.0000])
+    """
+    _checks.check_scores(importance, "importance")
+    _checks.check_seed(seed)
+    _checks.check_fraction(uniform_mix, "uniform_mix")
+    k = capacity(importance.numel(), ratio=ratio)
+    w = importance.reshape(-1)
+    w = w if w.dtype == torch.float64 else w.float()
+    allowed = selectable(w)
+    if _checks.value_checks_enabled() and bool((allowed & (w < 0)).any()):  # sync-ok: checking mode only
+        raise ValueError("importance: expected values >= 0 (or -inf for tokens that cannot be sampled), got negative values")
+    w = torch.where(allowed, w.clamp_min(0.0), 0.0)  # clamp_min keeps NaN
+    if uniform_mix:
+        mean = w.sum() / allowed.sum().clamp_min(1)
+        w = (1.0 - uniform_mix) * torch.where(mean > 0, w / mean, 0.0) + uniform_mix
+    u = (_position_hash(w.numel(), seed, w.device).to(w.dtype) + 1.0) / 2.0**32
+    priority = torch.where(allowed, w / u, float("-inf"))
+    order = difficulty_order(priority)
+    mask = (inverse_permutation(order) < k) & allowed
+    # tau: the (k+1)-th largest priority, 0 when every sampleable token is kept
+    # (then each is kept with certainty and weighs 1).
+    next_index = torch.as_tensor(k, device=w.device).clamp(max=max(w.numel() - 1, 0)).reshape(1)
+    tau = priority.gather(0, order.gather(0, next_index)).squeeze(0) if w.numel() else w.new_zeros(())
+    tau = torch.where((torch.as_tensor(k, device=w.device) < w.numel()) & ~torch.isneginf(tau), tau, 0.0)
+    weights = torch.where(w == 0, 1.0, torch.maximum(w, tau) / w)  # NaN importance: NaN weight
+    weights = torch.where(mask, weights, 0.0)
+    return Sample(mask.reshape(importance.shape), weights.reshape(importance.shape))
 
 
 def _fill_to_capacity(first: torch.Tensor, rank: torch.Tensor, allowed: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:

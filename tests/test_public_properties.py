@@ -185,6 +185,10 @@ TABLE: dict[str, Entry] = {
             (_logits(d, n), _targets(n), _scores(torch.float32, n) > 0),
         ),
     ),
+    "priority_sample": Entry(
+        lambda d, n: (lambda s, seed: cggr_fn.priority_sample(s.abs(), ratio=0.5, seed=seed), (_scores(d, n), torch.tensor(3))),
+        skip={"vjp": NOT_DIFFERENTIABLE},
+    ),
     "selective_loss/weighted": Entry(
         lambda d, n: (
             lambda x, t, m, w: cggr_fn.selective_loss(x, t, m, weights=w),
@@ -225,6 +229,7 @@ TABLE: dict[str, Entry] = {
 
 # Public names that are not functions of tensors, with the reason and where they are tested.
 EXEMPT = {
+    "Sample": "a NamedTuple type (priority_sample returns it)",
     "TokenStats": "a NamedTuple type (token_stats returns it)",
     "checking": "a context manager for eager debugging; it raises under compile by design (tests/test_bad_input.py)",
     "models.DepthRoutedForward": "a type (depth_routed_forward returns it)",
