@@ -5,8 +5,8 @@ Run on a CUDA machine (not collected by pytest)::
     python benchmarks/check_pipeline_gpu.py --out report.json
 
 Every public function of the step (score, ratio_schedule, dynamic_ratio,
-bucket, bucket_depth, select with each strategy, route_depth forward and
-backward, selective_loss forward and backward) runs under
+bucket, bucket_depth, select with each strategy, priority_sample, route_depth
+forward and backward, selective_loss forward and backward, weighted too) runs under
 ``torch.cuda.set_sync_debug_mode("error")`` with Python and tensor steps,
 ratios and seeds. Then a whole scoring + bucketing + selection + loss step is
 captured in a CUDA graph and replayed at a new step on new data, and must equal
@@ -48,7 +48,9 @@ def cggr_step(logits, targets, step, blocks, hidden):
     mask = cggr_fn.select(scores, ratio=ratio, strategy="stratified", seed=step)
     out = cggr_fn.route_depth(blocks, depth)(hidden)
     loss = cggr_fn.selective_loss(out @ hidden.new_ones(hidden.shape[-1], logits.shape[-1]), targets, mask)
-    return loss, buckets, mask
+    sample = cggr_fn.priority_sample(cggr_fn.score(logits, targets, method="grad_norm"), ratio=ratio, seed=step)
+    unbiased = cggr_fn.selective_loss(logits, targets, sample.mask, weights=sample.weights, normalize="valid")
+    return loss, buckets, mask, sample.weights, unbiased
 
 
 def main() -> int:
@@ -83,6 +85,10 @@ def main() -> int:
                     scores, ratio=0.3, strategy=st, seed=s))
                 check(f"select {strategy}, tensor ratio ({name} seed)", lambda s=step, st=strategy: cggr_fn.select(
                     scores, ratio=cggr_fn.dynamic_ratio(0.3, confidence), strategy=st, seed=s))
+            check(f"priority_sample, float ratio ({name} seed)", lambda s=step: cggr_fn.priority_sample(
+                scores.clamp_min(0), ratio=0.3, seed=s))
+            check(f"priority_sample, tensor ratio ({name} seed)", lambda s=step: cggr_fn.priority_sample(
+                scores.clamp_min(0), ratio=cggr_fn.dynamic_ratio(0.3, confidence), seed=s, uniform_mix=0.1))
             check(f"route_depth + selective_loss forward and backward ({name})",
                   lambda s=step: cggr_step(logits, targets, s, blocks, hidden)[0].backward())
         check("dynamic_ratio with a Python ratio", lambda: cggr_fn.dynamic_ratio(0.5, confidence))

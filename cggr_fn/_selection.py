@@ -178,14 +178,24 @@ def priority_sample(
     priority = torch.where(allowed, w / u, float("-inf"))
     order = difficulty_order(priority)
     mask = (inverse_permutation(order) < k) & allowed
-    # tau: the (k+1)-th largest priority, 0 when every sampleable token is kept
-    # (then each is kept with certainty and weighs 1).
-    next_index = torch.as_tensor(k, device=w.device).clamp(max=max(w.numel() - 1, 0)).reshape(1)
-    tau = priority.gather(0, order.gather(0, next_index)).squeeze(0) if w.numel() else w.new_zeros(())
-    tau = torch.where((torch.as_tensor(k, device=w.device) < w.numel()) & ~torch.isneginf(tau), tau, 0.0)
+    tau = _next_priority(priority.gather(0, order), k)
     weights = torch.where(w == 0, 1.0, torch.maximum(w, tau) / w)  # NaN importance: NaN weight
     weights = torch.where(mask, weights, 0.0)
     return Sample(mask.reshape(importance.shape), weights.reshape(importance.shape))
+
+
+def _next_priority(descending: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
+    """tau: the (k+1)-th largest priority; 0 when every sampleable token is kept
+    (each is then kept with certainty and weighs 1). No host-to-device copy of ``k``."""
+    n = descending.numel()
+    if isinstance(k, torch.Tensor):
+        if n == 0:
+            return descending.new_zeros(())
+        tau = descending.gather(0, k.clamp(max=n - 1).reshape(1)).squeeze(0)
+        tau = torch.where(k < n, tau, 0.0)
+    else:
+        tau = descending[k] if k < n else descending.new_zeros(())
+    return torch.where(torch.isneginf(tau), 0.0, tau)
 
 
 def _fill_to_capacity(first: torch.Tensor, rank: torch.Tensor, allowed: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
