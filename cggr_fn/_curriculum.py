@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from cggr_fn import _checks
+from cggr_fn._stats import compute_dtype
 
 Step = int | torch.Tensor
 Ratio = float | torch.Tensor
@@ -112,7 +113,7 @@ def dynamic_ratio(
     _checks.check_fraction(max_ratio, "max_ratio", low_open=True)
     if min_ratio > max_ratio:
         raise ValueError(f"min_ratio: expected min_ratio <= max_ratio, got {min_ratio} > {max_ratio}")
-    confidence = confidence.to(torch.promote_types(torch.float32, confidence.dtype))
+    confidence = confidence.to(compute_dtype(confidence.dtype))
     if valid is None:
         mean = confidence.mean()
     else:

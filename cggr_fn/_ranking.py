@@ -9,6 +9,7 @@ import torch
 
 from cggr_fn import _checks
 from cggr_fn._curriculum import Ratio
+from cggr_fn._stats import compute_dtype
 
 # A product ratio * n within a few ulps of the ratio's dtype from an integer is
 # the rounding of a decimal ratio (0.3 * 10 is 3.0000000000000004 in float64;
@@ -80,7 +81,7 @@ def difficulty_order(scores: torch.Tensor) -> torch.Tensor:
     break by position on every device. float64 scores sort in float64, every
     other float dtype widens exactly to float32.
     """
-    scores = scores if scores.dtype == torch.float64 else scores.float()
+    scores = scores.to(compute_dtype(scores.dtype))
     # -0.0 and 0.0 are distinct keys to a radix sort; a where() (not "+ 0.0",
     # which a compiler may drop as a no-op) makes them one value.
     nan = torch.isnan(scores)

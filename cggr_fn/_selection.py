@@ -10,6 +10,7 @@ import torch
 from cggr_fn import _checks
 from cggr_fn._curriculum import Ratio, Step
 from cggr_fn._ranking import capacity, difficulty_order, difficulty_rank, inverse_permutation, selectable
+from cggr_fn._stats import compute_dtype
 
 STRATEGIES = ("topk", "stratified", "sequence_aware")
 
@@ -165,8 +166,7 @@ def priority_sample(
     _checks.check_seed(seed)
     _checks.check_fraction(uniform_mix, "uniform_mix")
     k = capacity(importance.numel(), ratio=ratio)
-    w = importance.reshape(-1)
-    w = w if w.dtype == torch.float64 else w.float()
+    w = importance.reshape(-1).to(compute_dtype(importance.dtype))
     allowed = selectable(w)
     if _checks.value_checks_enabled() and bool((allowed & (w < 0)).any()):  # sync-ok: checking mode only
         raise ValueError("importance: expected values >= 0 (or -inf for tokens that cannot be sampled), got negative values")
@@ -186,15 +186,11 @@ def priority_sample(
 
 def _next_priority(descending: torch.Tensor, k: int | torch.Tensor) -> torch.Tensor:
     """tau: the (k+1)-th largest priority; 0 when every sampleable token is kept
-    (each is then kept with certainty and weighs 1). No host-to-device copy of ``k``."""
-    n = descending.numel()
-    if isinstance(k, torch.Tensor):
-        if n == 0:
-            return descending.new_zeros(())
-        tau = descending.gather(0, k.clamp(max=n - 1).reshape(1)).squeeze(0)
-        tau = torch.where(k < n, tau, 0.0)
-    else:
-        tau = descending[k] if k < n else descending.new_zeros(())
+    (each is then kept with certainty and weighs 1)."""
+    # capacity() keeps k <= n, so index k of the zero-padded priorities exists;
+    # a tensor k is gathered on its device (indexing by it would copy it to the host).
+    padded = torch.cat([descending, descending.new_zeros(1)])
+    tau = padded.gather(0, k.reshape(1)).squeeze(0) if isinstance(k, torch.Tensor) else padded[k]
     return torch.where(torch.isneginf(tau), 0.0, tau)
 
 

@@ -183,9 +183,9 @@ def depth_routed_forward(model: nn.Module, *, parts: ModelParts | None = None, l
     the model's *current* settings at each call: ``model.train()`` /
     ``model.eval()`` (dropout, including layers that test ``self.training``)
     and ``model.gradient_checkpointing_enable()`` / ``_disable()`` act on it
-    whenever they are called. ``use_cache`` defaults to ``False``. One
-    function object must not be called from two threads at once (its layers
-    read the gates of the call in progress).
+    whenever they are called. ``use_cache`` defaults to ``False``. The gates
+    of a call are thread-local, so one function object may be called from
+    several threads at once.
 
     Gradient checkpointing (``model.gradient_checkpointing_enable()``, with
     ``use_reentrant`` ``False`` or ``True``) gives the same routed gradients

@@ -15,6 +15,7 @@ from cggr_fn._loss import selective_loss
 from cggr_fn._ranking import capacity, difficulty_order
 from cggr_fn._scoring import ScoreMethod, score
 from cggr_fn._selection import select
+from cggr_fn._stats import compute_dtype
 from cggr_fn.models._common import check_model, default_kwargs
 from cggr_fn.models._router import TruncatedRouter
 
@@ -138,8 +139,7 @@ def sequence_scores(scores: torch.Tensor) -> torch.Tensor:
     _checks.check_scores(scores)
     if scores.dim() != 2:
         raise ValueError(f"scores: expected a (batch, seq) tensor, got shape {tuple(scores.shape)}")
-    if scores.element_size() < 4:
-        scores = scores.float()
+    scores = scores.to(compute_dtype(scores.dtype))
     scored = ~torch.isneginf(scores)
     count = scored.sum(-1)
     mean = torch.where(scored, scores, 0.0).sum(-1) / count.clamp_min(1)
