@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import numbers
 import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -177,6 +176,8 @@ def _compiled(
         seen = len(counter.graphs)
         try:
             out = compiled(*args, **kwargs)
+        # Broad on purpose, and re-raised: dynamo and the backends raise many
+        # unrelated types, and any of them is this check failing on fn.
         except Exception as error:
             raise AssertionError(
                 f"{what}: torch.compile(fullgraph=True) failed (a graph break, or an op the compiler cannot trace): "
@@ -276,6 +277,8 @@ def _vmapped_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[st
     )
     try:
         out = torch.func.vmap(lambda *a: fn(*a, **kwargs), in_dims=in_dims, randomness="error")(*batched)
+    # Broad on purpose, and re-raised: whatever fn raises under vmap (an op
+    # with no batching rule, a host sync, randomness) is this variant failing.
     except Exception as error:
         raise AssertionError(
             f"variant 'vmap': fn failed under torch.func.vmap over a leading batch dim "
@@ -312,6 +315,8 @@ def _vjp_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, A
         outputs, pull_back = torch.func.vjp(floating_outputs, *primals)
         cotangents = tuple(_fixed_random_like(o) for o in outputs)
         grads = pull_back(cotangents)
+    # Broad on purpose, and re-raised: whatever fn raises under torch.func
+    # (an op it cannot differentiate, a .numpy() call) is this variant failing.
     except Exception as error:
         raise AssertionError(f"variant 'vjp': fn failed under torch.func.vjp: {type(error).__name__}: {error}") from error
 
@@ -523,8 +528,7 @@ def assert_max_recompiles(
       AssertionError: assert_max_recompiles: 2 compilations over 2 calls, expected at most 1 (calls that compiled: [0, 1])
     """
     _check_callable(fn)
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"n: expected an int >= 1 (the first compilation counts), got {n!r}")
+    _checks.check_int(n, "n", minimum=1)
     calls = list(inputs_seq)
     if not calls or not all(isinstance(args, tuple) for args in calls):
         raise TypeError("inputs_seq: expected a non-empty sequence of argument tuples, e.g. [(x0,), (x1,)]")
@@ -572,21 +576,21 @@ def assert_static_shapes(fn: Callable[..., Any], make_inputs: Callable[[torch.Ge
     """
     _check_callable(fn)
     _check_callable(make_inputs, "make_inputs")
-    if isinstance(trials, bool) or not isinstance(trials, numbers.Integral) or trials < 2:
-        raise ValueError(f"trials: expected an int >= 2, got {trials!r}")
-    first_inputs = first_outputs = None
-    for trial in range(trials):
+    _checks.check_int(trials, "trials", minimum=2)
+
+    def shapes_of_trial(trial: int) -> tuple[Any, Any]:
         inputs = make_inputs(torch.Generator().manual_seed(trial))
         if not isinstance(inputs, tuple):
             raise TypeError(f"make_inputs: expected it to return a tuple of arguments, got {type(inputs).__name__}")
-        outputs = _shapes(fn(*inputs))
-        if first_inputs is None:
-            first_inputs, first_outputs = _shapes(inputs), outputs
-            continue
-        if _shapes(inputs) != first_inputs:
+        return _shapes(inputs), _shapes(fn(*inputs))
+
+    first_inputs, first_outputs = shapes_of_trial(0)
+    for trial in range(1, trials):
+        inputs, outputs = shapes_of_trial(trial)
+        if inputs != first_inputs:
             raise ValueError(
                 f"make_inputs: expected the same input shapes on every call (only values may change), "
-                f"got {_shapes(inputs)} after {first_inputs}"
+                f"got {inputs} after {first_inputs}"
             )
         if outputs != first_outputs:
             raise AssertionError(
@@ -632,12 +636,9 @@ def _depth_reference(layers: Sequence[Callable[[torch.Tensor], torch.Tensor]], d
     return _gated(h, rows > 0, leak)
 
 
-def _float64_leaves(inputs: Sequence[Any], name: str) -> tuple[list[Any], list[torch.Tensor]]:
-    converted = [x.detach().double().requires_grad_() if _is_float(x) else x for x in inputs]
-    leaves = [x for x in converted if _is_float(x)]
-    if not leaves:
-        raise ValueError(f"{name}: expected at least one floating tensor to differentiate, got none")
-    return converted, leaves
+def _same_values(got: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Equal values after ``nan_to_num``, so a NaN or an infinity left in place compares equal."""
+    return torch.equal(torch.nan_to_num(got.detach()), torch.nan_to_num(expected.detach()))
 
 
 @torch.enable_grad()
@@ -678,20 +679,19 @@ def assert_routed_gradients(
       ...
       ValueError: mask: expected a shape broadcastable to the leading dims of every floating output of fn; output has shape (3, 2), mask has shape (2,)
     """
-    _check_callable(fn)
-    _checks.check_fraction(leak, "leak")
-    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"mask: expected a boolean torch.Tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
-    args, leaves = _float64_leaves(inputs, "inputs")
-    plain, spec = pytree.tree_flatten_with_path(fn(*args))
+    routed_fn = cggr_fn.route_grad(fn, mask, leak=leak)  # validates fn, mask and leak
+    args = [x.detach().double().requires_grad_() if _is_float(x) else x for x in inputs]
+    leaves = [x for x in args if _is_float(x)]
+    if not leaves:
+        raise ValueError("inputs: expected at least one floating tensor to differentiate, got none")
+    plain = pytree.tree_flatten_with_path(fn(*args))[0]
     outputs = [(f"output{pytree.keystr(path)}", y) for path, y in plain if _is_float(y)]
     if not outputs:
         raise ValueError("fn: expected at least one floating tensor output to route, got none")
     reference = [_gated(y, _row_gate(mask, y, where), float(leak)) for where, y in outputs]
-    routed_flat = [y for _, y in pytree.tree_flatten_with_path(cggr_fn.route_grad(fn, mask, leak=leak)(*args))[0]]
-    routed = [y for y in routed_flat if _is_float(y)]
+    routed = [y for y in pytree.tree_leaves(routed_fn(*args)) if _is_float(y)]
     for (where, y), r in zip(outputs, routed):
-        if not torch.equal(torch.nan_to_num(r.detach()), torch.nan_to_num(y.detach())):
+        if not _same_values(r, y):
             raise AssertionError(f"assert_routed_gradients: route_grad changed the value of {where}")
     cotangents = [_fixed_random_like(y) for y in reference]
     expected = _autograd_grads(reference, leaves, cotangents)
@@ -747,15 +747,9 @@ def assert_depth_routed_gradients(
       >>> [g.shape for g in grads]
       [torch.Size([1, 4, 3]), torch.Size([3, 3]), torch.Size([3, 3])]
     """
-    try:
-        layers = list(layers)
-    except TypeError:
-        raise TypeError(f"layers: expected a non-empty sequence of callables, got {type(layers).__name__}") from None
-    if not layers or not all(callable(layer) for layer in layers):
-        raise TypeError("layers: expected a non-empty sequence of callables")
-    if not isinstance(depth, torch.Tensor) or depth.is_floating_point() or depth.dtype == torch.bool:
-        raise TypeError(f"depth: expected an integer tensor, got {getattr(depth, 'dtype', type(depth).__name__)}")
-    _checks.check_fraction(leak, "leak")
+    # Listed once, so that a one-shot iterable feeds both the stack and the reference.
+    layers = list(layers) if isinstance(layers, Iterable) else layers
+    stack = cggr_fn.route_depth(layers, depth, leak=leak)  # validates layers, depth and leak
     if not _is_float(hidden):
         raise TypeError(f"hidden: expected a floating tensor, got {getattr(hidden, 'dtype', type(hidden).__name__)}")
     if depth.dim() > hidden.dim() or tuple(depth.shape) != tuple(hidden.shape[: depth.dim()]):
@@ -777,8 +771,8 @@ def assert_depth_routed_gradients(
             if p.is_leaf:
                 p.requires_grad_()
         reference = _depth_reference(layers, depth, h0, float(leak))
-        routed = cggr_fn.route_depth(layers, depth, leak=leak)(h0)
-        if not torch.equal(torch.nan_to_num(routed.detach()), torch.nan_to_num(reference.detach())):
+        routed = stack(h0)
+        if not _same_values(routed, reference):
             raise AssertionError("assert_depth_routed_gradients: route_depth changed the stack's output")
         cotangent = [_fixed_random_like(reference)]
         expected = _autograd_grads([reference], [h0, *params], cotangent)
@@ -862,7 +856,6 @@ def score_tensors(
     st = _hypothesis()
     special = [0.0, 0.5, 1.0] + ([float("nan")] if nan else []) + ([float("inf"), float("-inf")] if inf else [])
     value = st.one_of(st.sampled_from(special), st.floats(-1e6, 1e6, allow_nan=False, allow_infinity=False, width=32))
-
     return _tensor_strategy(st, value, shape=shape, max_dims=max_dims, max_side=max_side, dtype=dtype, via=torch.float64)
 
 
@@ -953,10 +946,8 @@ def depths(*, num_layers: int, shape: tuple[int, ...] | None = None, max_dims: i
       ...     assert all(bool(m[depth == 3].all()) for m in masks)
       >>> test_full_depth_never_gated()
     """
-    if isinstance(num_layers, bool) or not isinstance(num_layers, numbers.Integral) or num_layers < 1:
-        raise ValueError(f"num_layers: expected an int >= 1, got {num_layers!r}")
+    _checks.check_int(num_layers, "num_layers", minimum=1)
     st = _hypothesis()
-
     return _tensor_strategy(
         st, st.integers(0, num_layers), shape=shape, max_dims=max_dims, max_side=max_side, dtype=torch.int64, via=torch.int64
     )

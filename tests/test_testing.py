@@ -119,6 +119,8 @@ def test_assert_max_recompiles_counts_compilations():
         testing.assert_max_recompiles(lambda t, s: t * s, 1, [(torch.ones(3), s) for s in (1, 2, 3)])
     with pytest.raises(ValueError, match="n: expected an int >= 1"):
         testing.assert_max_recompiles(torch.sin, 0, [(torch.ones(1),)])
+    with pytest.raises(TypeError, match="n: expected an int, got float"):
+        testing.assert_max_recompiles(torch.sin, 1.0, [(torch.ones(1),)])
     with pytest.raises(TypeError, match="inputs_seq: expected a non-empty sequence of argument tuples"):
         testing.assert_max_recompiles(torch.sin, 1, [torch.ones(1)])
 
@@ -134,6 +136,8 @@ def test_assert_static_shapes():
         testing.assert_static_shapes(torch.sin, lambda g: torch.randn(3, generator=g))
     with pytest.raises(TypeError, match="make_inputs: expected a callable"):
         testing.assert_static_shapes(torch.sin, torch.randn(3))
+    with pytest.raises(ValueError, match="trials: expected an int >= 2, got 1"):
+        testing.assert_static_shapes(torch.sin, make, trials=1)
 
 
 # ------------------------------------------------------------------- routing
@@ -166,7 +170,7 @@ def test_assert_routed_gradients_misuse_is_explained():
     x = torch.ones(3, 2)
     with pytest.raises(TypeError, match="fn: expected a callable"):
         testing.assert_routed_gradients(None, torch.tensor([True]), x)
-    with pytest.raises(TypeError, match="mask: expected a boolean torch.Tensor, got torch.int64"):
+    with pytest.raises(TypeError, match="mask: expected dtype torch.bool, got torch.int64"):
         testing.assert_routed_gradients(torch.sin, torch.tensor([1, 0, 1]), x)
     with pytest.raises(ValueError, match=r"output\[1\] has shape \(2,\), mask has shape \(3,\)"):
         testing.assert_routed_gradients(lambda t: (t, t.sum(0)), torch.tensor([True, False, True]), x)
@@ -190,7 +194,8 @@ def test_assert_depth_routed_gradients_catches_an_off_by_one_stack(monkeypatch):
 def test_assert_depth_routed_gradients_misuse_is_explained():
     layer = torch.nn.Linear(3, 3).double()
     testing.assert_depth_routed_gradients(torch.nn.ModuleList([layer]), torch.tensor([1, 0]), torch.ones(2, 3), params=[layer.weight])
-    with pytest.raises(TypeError, match="layers: expected a non-empty sequence of callables, got Linear"):
+    testing.assert_depth_routed_gradients(iter([layer]), torch.tensor([1, 0]), torch.ones(2, 3))  # a one-shot iterable
+    with pytest.raises(TypeError, match="layers: expected a sequence of callables, got Linear"):
         testing.assert_depth_routed_gradients(layer, torch.tensor([1]), torch.ones(1, 3))
     with pytest.raises(ValueError, match=r"depth: expected the leading \(token\) dims of hidden, \(2, 3\), got shape \(3,\)"):
         testing.assert_depth_routed_gradients([layer], torch.tensor([1, 0, 1]), torch.ones(2, 3))
@@ -205,9 +210,11 @@ def test_assert_depth_routed_gradients_misuse_is_explained():
 # ---------------------------------------------------------------- strategies
 
 
-def test_strategy_options_are_keyword_only():
+def test_strategy_misuse_is_explained():
     with pytest.raises(TypeError, match="positional argument"):
         testing.depths(4)  # type: ignore[misc]
+    with pytest.raises(ValueError, match="num_layers: expected an int >= 1, got 0"):
+        testing.depths(num_layers=0)
 
 
 @settings(max_examples=60, deadline=None)
