@@ -621,9 +621,9 @@ def _gated(y: torch.Tensor, open_: torch.Tensor, leak: float) -> torch.Tensor:
     """The reference gate: ``y`` in value; its gradient where ``open_``, ``leak`` times it elsewhere."""
     if leak == 0.0:
         return torch.where(open_, y, y.detach())
-    # Built in y's dtype: a float32 leak (the default dtype) would be off by 1e-8 per gate.
-    scale = torch.where(open_, y.new_tensor(1.0), y.new_tensor(leak))
-    return y.detach() + scale * (y - y.detach())
+    # inf - inf is NaN: route_grad documents that non-finite entries of gated rows pass no gradient.
+    leaky = torch.where(torch.isfinite(y), y.detach() + leak * (y - y.detach()), y.detach())
+    return torch.where(open_, y, leaky)
 
 
 def _depth_reference(layers: Sequence[Callable[[torch.Tensor], torch.Tensor]], depth: torch.Tensor, hidden: torch.Tensor, leak: float) -> torch.Tensor:
@@ -651,8 +651,9 @@ def assert_routed_gradients(
     sides, for a fixed random cotangent on every floating output, are
     compared. The reference gates every floating output ``y`` row by row:
     ``torch.where(mask, y, y.detach())``, or with a leak
-    ``y.detach() + s * (y - y.detach())`` where ``s`` is 1 on masked rows and
-    ``leak`` elsewhere. Outputs must equal ``fn``'s exactly.
+    ``y.detach() + leak * (y - y.detach())`` on unmasked rows (finite entries;
+    non-finite ones pass nothing), and leaves a 0-d output (e.g. an
+    auxiliary loss) ungated. Outputs must equal ``fn``'s exactly.
 
     Args:
       fn: a function of the inputs returning a pytree of tensors; it must
@@ -688,7 +689,8 @@ def assert_routed_gradients(
     outputs = [(f"output{pytree.keystr(path)}", y) for path, y in plain if _is_float(y)]
     if not outputs:
         raise ValueError("fn: expected at least one floating tensor output to route, got none")
-    reference = [_gated(y, _row_gate(mask, y, where), float(leak)) for where, y in outputs]
+    # A 0-d output (an MoE auxiliary loss) has no rows: route_grad passes it through ungated.
+    reference = [y if y.dim() == 0 < mask.dim() else _gated(y, _row_gate(mask, y, where), float(leak)) for where, y in outputs]
     routed = [y for y in pytree.tree_leaves(routed_fn(*args)) if _is_float(y)]
     for (where, y), r in zip(outputs, routed):
         if not _same_values(r, y):

@@ -282,3 +282,14 @@ def test_a_doctest_of_the_checks_exits_cleanly():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
     assert "Exception ignored" not in done.stderr, done.stderr
+
+
+def test_routed_gradients_follow_route_grad_on_scalar_outputs_and_infinite_entries():
+    weight = torch.randn(3, 3, dtype=torch.float64)
+    mask = torch.tensor([True, False, True, False])
+    # An MoE-style (out, aux_loss): the 0-d aux loss passes through ungated.
+    testing.assert_routed_gradients(lambda x: (torch.tanh(x @ weight), (x ** 2).mean()), mask, torch.randn(4, 3))
+    # An infinite entry of a gated row passes no gradient with a leak (inf - inf would be NaN).
+    inf_row = torch.tensor([[1.0, 2.0, 3.0], [float("inf"), 1.0, 2.0], [0.5, 0.5, 0.5], [1.0, 1.0, 1.0]])
+    grads = testing.assert_routed_gradients(lambda x: x * 3.0, mask, inf_row, leak=0.5)
+    assert torch.isfinite(grads[0]).all()
