@@ -7,7 +7,7 @@ easy tokens train only the top of the network while hard tokens train all of it.
 
 from importlib import metadata as _metadata
 
-from cggr_fn._bucketing import bucket, bucket_depth, bucket_sizes
+from cggr_fn._bucketing import bucket, bucket_capacity, bucket_depth, bucket_sizes
 from cggr_fn._checks import checking
 from cggr_fn._curriculum import dynamic_ratio, ratio_schedule
 from cggr_fn._loss import selective_loss
@@ -29,6 +29,7 @@ __all__ = [
     "Sample",
     "TokenStats",
     "bucket",
+    "bucket_capacity",
     "bucket_depth",
     "bucket_sizes",
     "capacity",

@@ -128,3 +128,37 @@ def bucket_depth(
     buckets = bucket(scores, step, num_buckets=num_buckets, warmup_steps=warmup_steps)
     share = num_buckets - buckets
     return (num_layers * share + num_buckets - 1) // num_buckets
+
+
+def bucket_capacity(
+    num_tokens: int, step: int, *, num_layers: int, num_buckets: int = 4, warmup_steps: int = 1000
+) -> list[int]:
+    """How many tokens train each layer under :func:`bucket_depth` at ``step``: static layer capacities.
+
+    Layer ``i`` (bottom first) is trained by the tokens of depth at least
+    ``num_layers - i``, so its count is the sum of the sizes of the buckets
+    deep enough to reach it. These are the per-layer capacities of compacted
+    execution (``capacity=`` of :class:`cggr_fn.models.DepthRoutedForward`).
+    Bucket sizes only shrink as the curriculum advances, so the capacities of
+    ``step`` hold for every later step too.
+
+    Args:
+      num_tokens: number of positions.
+      step: curriculum step, a Python int (capacities are static sizes).
+      num_layers: number of layers in the stack, >= 1.
+      num_buckets: number of buckets, >= 1.
+      warmup_steps: steps of linear curriculum, >= 0.
+
+    Returns:
+      ``num_layers`` ints, bottom layer first.
+
+    Example:
+      >>> import cggr_fn
+      >>> cggr_fn.bucket_capacity(8, 10, num_layers=4, warmup_steps=10)
+      [2, 4, 6, 8]
+    """
+    _checks.check_int(step, "step", minimum=0)
+    _checks.check_int(num_layers, "num_layers", minimum=1)
+    sizes = bucket_sizes(num_tokens, step, num_buckets=num_buckets, warmup_steps=warmup_steps)
+    depths = [(num_layers * (num_buckets - b) + num_buckets - 1) // num_buckets for b in range(num_buckets)]
+    return [sum(size for size, depth in zip(sizes, depths) if depth >= num_layers - layer) for layer in range(num_layers)]

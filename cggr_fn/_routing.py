@@ -10,6 +10,7 @@ import optree
 import torch
 
 from cggr_fn import _checks
+from cggr_fn._compaction import check_capacity, compact_rows
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -48,7 +49,7 @@ def _route_leaf(leaf: Any, mask: torch.Tensor, leak: float) -> Any:
     return torch.where(rows, leaf, leaky)
 
 
-def route_grad(fn: F, mask: torch.Tensor, *, leak: float = 0.0) -> F:
+def route_grad(fn: F, mask: torch.Tensor, *, leak: float = 0.0, capacity: int | None = None) -> F:
     """Gate the backward pass of ``fn`` by output rows; leave its outputs untouched.
 
     The returned function computes exactly ``fn``'s outputs. In backward (and in
@@ -73,12 +74,27 @@ def route_grad(fn: F, mask: torch.Tensor, *, leak: float = 0.0) -> F:
 
     Composes with ``torch.func.grad``, ``vjp``, ``jvp``, ``vmap`` and
     ``functional_call``, and compiles with ``torch.compile(fullgraph=True)``.
-    It saves no compute by itself: it decides which rows carry gradient.
+    By itself it saves no compute: it decides which rows carry gradient.
+
+    With ``capacity``, the backward cost scales with the routed rows
+    (compacted execution): ``fn`` must then be token-wise (row ``i`` of every
+    output depends only on row ``i`` of the tensor arguments whose leading
+    dims are ``mask``'s shape; other arguments, such as weights, are passed
+    whole). The first ``capacity`` rows of a stable partition (the true rows
+    in order, then false rows to fill) run with autograd, the others under
+    ``torch.no_grad``, and the outputs are put back in order. Shapes are
+    static (``capacity`` is an int), nothing synchronises, and the gradients
+    are exactly those of the masking version as long as ``mask`` holds at
+    most ``capacity`` true rows -- e.g. ``capacity(n, ratio=r)`` for a mask
+    from :func:`select` with ratio ``r``. Extra true rows would get no
+    gradient; :func:`checking` raises on them. Needs ``leak=0``.
 
     Args:
       fn: any function of tensors returning a pytree of tensors.
       mask: boolean tensor broadcastable to the leading dims of every output.
       leak: gradient scale of the rows where ``mask`` is false, in ``[0, 1]``.
+      capacity: run compacted with this many rows under autograd (an int in
+        ``[0, mask.numel()]``), or ``None`` to gate rows in place.
 
     Returns:
       A function with ``fn``'s signature and outputs.
@@ -92,12 +108,24 @@ def route_grad(fn: F, mask: torch.Tensor, *, leak: float = 0.0) -> F:
       tensor([[2., 2.],
               [0., 0.],
               [2., 2.]])
+      >>> w = torch.ones(2, 2, requires_grad=True)
+      >>> compact = cggr_fn.route_grad(lambda t: t @ w, torch.tensor([True, False, True]), capacity=2)
+      >>> compact(x).sum().backward()  # only rows 0 and 2 ran under autograd
+      >>> w.grad
+      tensor([[2., 2.],
+              [2., 2.]])
     """
     if not callable(fn):
         raise TypeError(f"fn: expected a callable, got {type(fn).__name__}")
     _checks.check_mask(mask)
     _checks.check_fraction(leak, "leak")
     leak = float(leak)
+    if capacity is not None:
+        if leak != 0.0:
+            raise ValueError(f"leak: compacted execution (capacity={capacity}) runs the other rows without autograd, "
+                             f"so it needs leak=0, got {leak}")
+        check_capacity(capacity, mask)
+        return functools.wraps(fn)(compact_rows(fn, mask, capacity))  # type: ignore[return-value]
 
     @functools.wraps(fn)
     def routed(*args: Any, **kwargs: Any) -> Any:

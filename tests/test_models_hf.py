@@ -13,6 +13,7 @@ import pytest
 import torch
 import transformers
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 import cggr_fn
 from cggr_fn.models import ModelParts, depth_routed_forward, detect_parts, token_scores, truncated_router
@@ -343,6 +344,13 @@ def reference_routed_grads(model: nn.Module, depth: torch.Tensor, ids: torch.Ten
         def hook(m: nn.Module, a: tuple, out: object, point: int = i + 1) -> object:
             return gate(out, point) if isinstance(out, torch.Tensor) else (gate(out[0], point), *out[1:])
         handles.append(layer.register_forward_hook(hook))
+        # Inside the layer, the token-wise parts (the MLP, every other linear
+        # map) carry gradient only for the tokens that train the layer, which
+        # also cuts the key/value path of the others.
+        for name, part in layer.named_modules():
+            in_mlp = name.startswith("mlp.")
+            if name == "mlp" or (isinstance(part, (nn.Linear, Conv1D)) and not in_mlp):
+                handles.append(part.register_forward_hook(lambda m, a, out, point=i + 1: gate(out, point)))
     logits = reference(input_ids=ids, **default_kwargs(reference)).logits  # use_cache=False, as the view
     loss_of(logits, ids, causal).backward()
     for handle in handles:
@@ -359,15 +367,25 @@ def loss_of(logits: torch.Tensor, ids: torch.Tensor, causal: bool) -> torch.Tens
 FAMILIES_BY_CLASS = {cls: path for cls, _, path in FAMILIES.values()}
 
 
+def layer_counts(depth: torch.Tensor, num_layers: int) -> list[int]:
+    """How many tokens train each layer: those of depth >= num_layers - layer."""
+    return [int((depth >= num_layers - layer).sum()) for layer in range(num_layers)]
+
+
+@pytest.mark.parametrize("compaction", ["masked", "exact", "padded"])
 @pytest.mark.parametrize("name", FAMILIES)
-def test_routed_grads_equal_a_hand_masked_float64_reference(name: str) -> None:
+def test_routed_grads_equal_a_hand_masked_float64_reference(name: str, compaction: str) -> None:
     model = build(name, torch.float64)
     forward = depth_routed_forward(model)
     assert forward.num_layers == LAYERS
     ids = ids_for()
     depth = torch.randint(0, LAYERS + 1, ids.shape, generator=torch.Generator().manual_seed(3))
     depth[0, 0], depth[1, 1] = 0, LAYERS  # both extremes present
-    grads = torch.func.grad(lambda p: loss_of(forward(p, depth, input_ids=ids).logits, ids, CAUSAL[name]))(params_of(model))
+    counts = layer_counts(depth, LAYERS)
+    capacity = {"masked": None, "exact": counts, "padded": [min(c + 3, ids.numel()) for c in counts]}[compaction]
+    grads = torch.func.grad(
+        lambda p: loss_of(forward(p, depth, input_ids=ids, capacity=capacity).logits, ids, CAUSAL[name])
+    )(params_of(model))
     expected = reference_routed_grads(model, depth, ids, CAUSAL[name])
     assert grads.keys() == expected.keys()
     for key in grads:

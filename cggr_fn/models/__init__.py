@@ -8,7 +8,10 @@ copied:
 * :func:`detect_parts` / :class:`ModelParts`: where the layer stack and the
   other pieces are, for the supported families or given explicitly.
 * :func:`truncated_router`: scoring logits from the first K layers.
-* :func:`depth_routed_forward`: the whole model with per-token gradient depth.
+* :func:`depth_routed_forward`: the whole model with per-token gradient depth,
+  gated in place or compacted (``capacity=``).
+* :func:`cggr_loss`: the whole CGGR loss (scores, selection, compacted routed
+  forward, loss) as one pure function of ``(params, input_ids, step)``.
 * The seed's wrappers as pure functions: :func:`hardest_sequence_loss`
   (``CGGRModel``), :func:`routing_mask` (``CGGRScorer``),
   :func:`selective_lm_loss` (``CGGRLoss``), and their building blocks.
@@ -17,6 +20,7 @@ copied:
 from cggr_fn.models._detect import ModelParts, detect_parts
 from cggr_fn.models._routed_forward import DepthRoutedForward, depth_routed_forward
 from cggr_fn.models._router import TruncatedRouter, truncated_router
+from cggr_fn.models._step import CGGRLoss, Routing, cggr_loss
 from cggr_fn.models._wrappers import (
     ScoredMask,
     hardest_sequence_loss,
@@ -31,10 +35,13 @@ from cggr_fn.models._wrappers import (
 )
 
 __all__ = [
+    "CGGRLoss",
     "DepthRoutedForward",
     "ModelParts",
+    "Routing",
     "ScoredMask",
     "TruncatedRouter",
+    "cggr_loss",
     "depth_routed_forward",
     "detect_parts",
     "hardest_sequence_loss",

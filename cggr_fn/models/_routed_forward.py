@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -12,6 +12,7 @@ from torch.func import functional_call
 from torch.nn.utils.stateless import _reparametrize_module
 
 from cggr_fn import _checks
+from cggr_fn._compaction import Partition, call_compacted, check_capacity, partition
 from cggr_fn._routing import depth_masks, gate
 from cggr_fn.models._common import check_model, default_kwargs, select_tensors, tensor_names
 from cggr_fn.models._detect import ModelParts, resolve_parts
@@ -28,6 +29,8 @@ class _Gates(threading.local):
 
     def __init__(self, leak: float) -> None:
         self.masks: list[torch.Tensor] | None = None
+        # Per layer: the partition of its compacted execution, or None where it runs whole.
+        self.partitions: list[Partition | None] | None = None
         self.leak = leak
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Gates:
@@ -77,6 +80,30 @@ def _gated_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     return _gate_output(self, call(*args, **kwargs), point, masks[point], leak)
 
 
+def _token_wise_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """A token-wise module of a layer (an MLP, a linear map) routed by the layer's mask.
+
+    Gated in place, or, when the call is compacted, run as two calls: the
+    layer's routed rows under autograd and the rest without.
+    """
+    call = super(type(self), self).__call__
+    gates, point = self._cggr_gates, self._cggr_point
+    if gates.masks is None:
+        return call(*args, **kwargs)
+    mask = gates.masks[point]
+    part = None if gates.partitions is None else gates.partitions[point - 1]
+    if part is not None:
+        return call_compacted(call, part, tuple(mask.shape), args, kwargs)
+    output = call(*args, **kwargs)
+    if not isinstance(output, torch.Tensor) or tuple(output.shape[: mask.dim()]) != tuple(mask.shape):
+        raise TypeError(
+            f"model: {type(self).__name__} in layer {point - 1} is routed as a token-wise module, so its output "
+            f"must be a tensor whose leading dims are the tokens {tuple(mask.shape)}; got "
+            f"{tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__}"
+        )
+    return gate(output, mask, gates.leak)
+
+
 def _rebinding_checkpoint(self: nn.Module) -> Callable[..., Any]:
     """The model's checkpoint function, made to recompute with the tensors of the call in progress.
 
@@ -93,10 +120,20 @@ def _rebinding_checkpoint(self: nn.Module) -> Callable[..., Any]:
             return checkpoint(function, *args, **kwargs)
         tensors = dict(self.named_parameters(remove_duplicate=False))
         tensors.update(self.named_buffers(remove_duplicate=False))
+        # The layer's token-wise parts read the gates inside the checkpointed
+        # region: the recomputation (in backward, after the call has cleared
+        # them, perhaps on another thread) must see the call's gates again.
+        gates = self._cggr_gates
+        call_gates = (gates.masks, gates.partitions)
 
         def rebound(*inner_args: Any, **inner_kwargs: Any) -> Any:
-            with _reparametrize_module(self, tensors):
-                return function(*inner_args, **inner_kwargs)
+            outer_gates = (gates.masks, gates.partitions)
+            gates.masks, gates.partitions = call_gates
+            try:
+                with _reparametrize_module(self, tensors):
+                    return function(*inner_args, **inner_kwargs)
+            finally:
+                gates.masks, gates.partitions = outer_gates
 
         return checkpoint(rebound, *args, **kwargs)
 
@@ -104,6 +141,53 @@ def _rebinding_checkpoint(self: nn.Module) -> Callable[..., Any]:
 
 
 _GATED_LAYER = {"__call__": _gated_call, "_gradient_checkpointing_func": property(_rebinding_checkpoint)}
+_TOKEN_WISE = {"__call__": _token_wise_call}
+# A layer's token-wise parts: its MLP as a whole where it has one by this
+# name, and every linear map elsewhere (attention projections; all of an
+# encoder's dense layers). Attention itself mixes tokens and stays whole.
+_MLP_NAMES = ("mlp",)
+
+
+def _linear_types() -> tuple[type, ...]:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is the [hf] extra this package needs here
+        return (nn.Linear,)
+    return (nn.Linear, Conv1D)
+
+
+def _token_wise_paths(layer: nn.Module) -> list[str]:
+    """Paths (relative to ``layer``) of the token-wise modules routed by the layer's mask."""
+    linears = _linear_types()
+    paths: list[str] = []
+    covered: list[str] = []
+    for name, module in layer.named_modules(remove_duplicate=False):
+        if any(name == c or name.startswith(c + ".") for c in covered) or not name:
+            continue
+        if name in _MLP_NAMES or isinstance(module, linears):
+            paths.append(name)
+            covered.append(name)
+    return paths
+
+
+def _route_token_wise(layer: nn.Module, gates: _Gates, point: int) -> None:
+    """Swap (inside the layer's view) each token-wise module for a routed follower copy."""
+    copied: set[int] = {id(layer)}
+    for path in _token_wise_paths(layer):
+        node = layer
+        names = path.split(".")
+        for name in names[:-1]:
+            child = node._modules[name]
+            if id(child) not in copied:
+                child = follower_copy(child)
+                node._modules[name] = child
+                copied.add(id(child))
+            node = child
+        original = node._modules[names[-1]]
+        routed = follower_copy(original, follower_class(type(original), _TOKEN_WISE))
+        routed.__dict__["_cggr_gates"] = gates
+        routed.__dict__["_cggr_point"] = point
+        node._modules[names[-1]] = routed
 
 
 def _checkpointing(layer: nn.Module) -> bool:
@@ -140,9 +224,19 @@ class DepthRoutedForward:
         self._names = tensor_names(module)
         self._defaults = defaults
 
-    def __call__(self, params: dict[str, torch.Tensor], depth: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, params: dict[str, torch.Tensor], depth: torch.Tensor, *args: Any,
+                 capacity: int | Sequence[int] | None = None, **kwargs: Any) -> Any:
         """The model's output with depth-routed gradients; see :func:`depth_routed_forward`."""
+        return self.call_module(self.module, params, depth, args, kwargs, capacity=capacity)
+
+    def call_module(self, module: nn.Module, params: Mapping[str, torch.Tensor], depth: torch.Tensor,
+                    args: tuple[Any, ...], kwargs: dict[str, Any], *, capacity: int | Sequence[int] | None) -> Any:
+        """Call ``module`` (this view's root, or a module of it that contains the stack) under the gates of ``depth``.
+
+        ``params`` are named relative to ``module``.
+        """
         masks = depth_masks(depth, num_layers=self.num_layers)
+        partitions = self._partitions(masks, capacity)
         if any(_checkpointing(layer) for layer in self._layers) and _inside_torch_func():
             # PyTorch's checkpoint cannot run inside torch.func transforms (its
             # saved-tensor hooks and its reentrant autograd.Function are refused).
@@ -151,11 +245,30 @@ class DepthRoutedForward:
                 "(grad, vjp, ...), which PyTorch's checkpoint does not support; compute the gradients with "
                 "loss.backward() or torch.autograd.grad, or call model.gradient_checkpointing_disable()"
             )
-        self._gates.masks = masks
+        self._gates.masks, self._gates.partitions = masks, partitions
         try:
-            return functional_call(self.module, select_tensors(params, self._names), args, {**self._defaults, **kwargs})
+            names = self._names if module is self.module else tensor_names(module)
+            return functional_call(module, select_tensors(params, names), args, {**self._defaults, **kwargs})
         finally:
-            self._gates.masks = None
+            self._gates.masks = self._gates.partitions = None
+
+    def _partitions(self, masks: list[torch.Tensor], capacity: int | Sequence[int] | None) -> list[Partition | None] | None:
+        if capacity is None:
+            return None
+        if self.leak != 0.0:
+            raise ValueError(f"capacity: compacted execution runs untrained rows without autograd, so it needs a "
+                             f"forward built with leak=0, not leak={self.leak}")
+        capacities = [capacity] * self.num_layers if not isinstance(capacity, Sequence) else list(capacity)
+        if len(capacities) != self.num_layers:
+            raise ValueError(f"capacity: expected an int or one int per layer ({self.num_layers}), got {len(capacities)}")
+        partitions: list[Partition | None] = []
+        for layer, cap in enumerate(capacities):
+            # Layer i trains the tokens open at its output gate (point i + 1).
+            mask = masks[layer + 1]
+            check_capacity(cap, mask, f"capacity[{layer}]" if isinstance(capacity, Sequence) else "capacity")
+            # A layer that every token may train runs whole: the same gradients, no gathers.
+            partitions.append(None if cap == mask.numel() else partition(mask, cap))
+        return partitions
 
     def __repr__(self) -> str:
         return f"DepthRoutedForward({type(self.module).__name__}, num_layers={self.num_layers}, leak={self.leak})"
@@ -233,6 +346,7 @@ def depth_routed_forward(model: nn.Module, *, parts: ModelParts | None = None, l
         layer = follower_copy(original, follower_class(type(original), _GATED_LAYER))
         layer.__dict__["_cggr_gates"] = gates
         layer.__dict__["_cggr_point"] = index + 1
+        _route_token_wise(layer, gates, index + 1)
         stack._modules[name] = layer
         layers.append(layer)
     return DepthRoutedForward(view, layers, parts, float(leak), gates, default_kwargs(model))

@@ -1,0 +1,302 @@
+"""End-to-end training step: compacted CGGR against the best dense step, same process, same compile settings.
+
+Run on a CUDA machine, one model per call (each fits in one ten-minute call)::
+
+    python benchmarks/bench_e2e.py --model 135m --out benchmarks/results/e2e_135m.json
+    python benchmarks/bench_e2e.py --model 1b --out benchmarks/results/e2e_1b.json
+    python benchmarks/bench_e2e.py --merge benchmarks/results/e2e_135m.json benchmarks/results/e2e_1b.json \
+        --out benchmarks/results/e2e.json
+
+A step is the loss and the gradients of every parameter
+(``torch.autograd.grad``), no optimizer (the same for every mode). Every mode
+is the same kind of function of ``(params, input_ids, step)``, compiled with
+``torch.compile(fullgraph=True)`` under the same settings (``--cudagraphs``
+adds ``mode="reduce-overhead"`` on every side). Modes:
+
+* ``dense_eager``: the model's own loss (``labels=``), eager, for reference;
+* ``dense``: the model's own loss, compiled; ``dense_ce``: ``F.cross_entropy``
+  of the bf16 logits, compiled; ``dense_liger``: Liger-Kernel's fused linear
+  cross-entropy on the final hidden states, compiled (if installed). The
+  fastest of these is the baseline of ``speedup_vs_dense``;
+* ``selective_R``: :func:`cggr_fn.models.cggr_loss` with ``selection="topk"``
+  and ratio R (a 2-layer router);
+* ``random_0.25``: the same capacities with random tokens (no router);
+* ``buckets_4``: four depth tiers (100/75/50/25% of the layers) after warmup;
+* ``sequences_0.25``: :func:`cggr_fn.models.hardest_sequence_loss` with a
+  4-layer router.
+
+``flop_model_speedup`` is dense's FLOPs over the mode's by the FLOP model of
+:func:`cggr_fn.models.cggr_loss` (matmul FLOPs; attention counted causal).
+Each CGGR row carries a profiler summary (the top CUDA kernels of one step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import transformers
+
+import cggr_fn
+from cggr_fn.models import cggr_loss, hardest_sequence_loss, lm_loss, truncated_router
+
+MODELS = {
+    # SmolLM-135M's architecture.
+    "135m": dict(config=dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                             num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
+                             max_position_embeddings=2048), batch=(16, 512)),
+    # A Llama-3.2-1B-shaped model.
+    "1b": dict(config=dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                           num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True,
+                           max_position_embeddings=4096), batch=(8, 2048)),
+}
+ROUTER_LAYERS = 2
+SEQUENCE_ROUTER_LAYERS = 4
+
+
+def flops_per_token(cfg: transformers.LlamaConfig, seq: int) -> dict[str, float]:
+    """Forward matmul FLOPs per token: a layer's linears (2P), its attention (A, causal), the head (2H)."""
+    h, kv = cfg.hidden_size, cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    p = h * h * 2 + h * kv * 2 + 3 * h * cfg.intermediate_size
+    a = 2 * 2 * (seq / 2) * h  # QK^T and PV, each 2 FLOPs per MAC, over seq/2 keys on average
+    return {"P": p, "A": a, "H": h * cfg.vocab_size, "L": cfg.num_hidden_layers}
+
+
+def flop_model(mode: str, f: dict[str, float]) -> float:
+    """FLOPs per token of a step (forward + backward) under the FLOP model of cggr_loss's docstring."""
+    P, A, H, L = f["P"], f["A"], f["H"], f["L"]
+    dense = L * (6 * P + 3.5 * A) + 6 * H
+    if mode.startswith("dense"):
+        return dense
+    if mode.startswith("sequences"):
+        r = float(mode.split("_")[1])
+        return SEQUENCE_ROUTER_LAYERS * (2 * P + A) + 2 * H + r * dense
+    router = 0.0 if mode.startswith("random") else ROUTER_LAYERS * (2 * P + A) + 2 * H
+    if mode.startswith("buckets"):
+        shares = [(b + 1) / 4 for b in range(4)]  # layers in each quarter are trained by 25/50/75/100% of tokens
+        trunk = sum(L / 4 * (2 * P + A + 4 * r * P + 2.5 * A) for r in shares)
+        return router + trunk + 6 * H
+    r = float(mode.split("_")[1])
+    return router + L * (2 * P + A + 4 * r * P + 2.5 * A) + 6 * r * H
+
+
+def build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    spec = MODELS[name]
+    cfg = transformers.LlamaConfig(**spec["config"], attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    batch, seq = spec["batch"]
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    return model, ids
+
+
+def loss_fns(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, callable]:
+    """Every mode as ``fn(params, input_ids, step) -> loss``."""
+    call = torch.func.functional_call
+
+    def dense(params, input_ids, step):
+        return call(model, params, (), {"input_ids": input_ids, "labels": input_ids, "use_cache": False}).loss
+
+    def dense_ce(params, input_ids, step):
+        logits = call(model, params, (), {"input_ids": input_ids, "use_cache": False}).logits
+        return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
+
+    fns = {"dense_eager": dense, "dense": dense, "dense_ce": dense_ce}
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+
+        def dense_liger(params, input_ids, step):
+            base = {k[len("model."):]: v for k, v in params.items() if k.startswith("model.")}
+            hidden = call(model.model, base, (), {"input_ids": input_ids, "use_cache": False})[0]
+            head = params.get("lm_head.weight", params["model.embed_tokens.weight"])
+            return liger(head, hidden[:, :-1].reshape(-1, hidden.shape[-1]), input_ids[:, 1:].reshape(-1))
+
+        fns["dense_liger"] = dense_liger
+    except ImportError:
+        pass
+
+    def routed(**kwargs):
+        fn = cggr_loss(model, router_layers=ROUTER_LAYERS, **kwargs)
+        return lambda params, input_ids, step: fn(params, input_ids, step)[0]
+
+    fns["selective_0.25"] = routed(selection="topk", ratio=0.25)
+    fns["selective_0.5"] = routed(selection="topk", ratio=0.5)
+    fns["random_0.25"] = routed(selection="random", ratio=0.25)
+    fns["buckets_4"] = routed(selection="buckets", num_buckets=4, warmup_steps=0)
+    router = truncated_router(model, num_layers=SEQUENCE_ROUTER_LAYERS)
+    fns["sequences_0.25"] = lambda params, input_ids, step: hardest_sequence_loss(
+        model, router, params, input_ids, input_ids, ratio=0.25)
+    return fns
+
+
+def time_step(step_fn, params, ids, step, iters: int) -> tuple[float, list[float], float]:
+    """Median ms of ``step_fn`` over ``iters`` runs (CUDA events), after warmup; peak memory in GB."""
+    for _ in range(3):
+        step_fn(params, ids, step)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step_fn(params, ids, step)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    peak = (torch.cuda.max_memory_allocated() - base) / 1e9
+    return statistics.median(times), times, peak
+
+
+def profile(step_fn, params, ids, step, top: int = 12) -> list[dict]:
+    """The top CUDA kernels of one step by total device time."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step_fn(params, ids, step)
+        torch.cuda.synchronize()
+    rows = []
+    for event in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:top]:
+        rows.append({"name": event.key[:120], "cuda_ms": round(event.device_time_total / 1e3, 3), "calls": event.count})
+    return rows
+
+
+def check_capture(model, ids) -> dict:
+    """The compiled compacted CGGR step has no host sync and replays from a CUDA graph with the same gradients.
+
+    Compiled, because Hugging Face's eager forward synchronises in its own
+    mask code (``find_packed_sequence_indices``); traced, that check is skipped.
+    """
+    fn = torch.compile(cggr_loss(model, selection="topk", ratio=0.25, router_layers=ROUTER_LAYERS), fullgraph=True)
+    params = {k: v.detach().requires_grad_() for k, v in model.named_parameters()}
+    names = list(params)
+    step = torch.tensor(3, device="cuda")
+
+    def step_fn():
+        loss, _ = fn(params, ids, step)
+        return (loss, *torch.autograd.grad(loss, [params[n] for n in names]))
+
+    eager = [t.clone() for t in step_fn()]
+    step_fn()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step_fn()
+        torch.cuda.synchronize()
+        sync_free = True
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step_fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step_fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(eager, captured))
+    return {"compiled_step_sync_free": sync_free, "graph_replay_max_abs_diff_vs_uncaptured": diff,
+            "params": len(names)}
+
+
+def run(name: str, iters: int, cudagraphs: bool, modes: list[str] | None) -> dict:
+    torch._dynamo.config.cache_size_limit = 64
+    model, ids = build(name)
+    cfg = model.config
+    f = flops_per_token(cfg, ids.shape[1])
+    params = {k: v.detach().requires_grad_() for k, v in model.named_parameters()}
+    plist = list(params.values())
+    step = torch.tensor(10, device="cuda")
+    result = {"model": name, "config": MODELS[name], "tokens_per_step": ids.numel(), "cudagraphs": cudagraphs,
+              "rows": [], "checks": {}}
+    if name == "135m":
+        result["checks"]["capture"] = check_capture(model, ids)
+        print("capture check", result["checks"]["capture"], flush=True)
+    fns = loss_fns(model, ids)
+    for mode, loss_fn in fns.items():
+        if modes and mode not in modes:
+            continue
+        if mode == "dense_eager":
+            compiled = loss_fn
+        else:
+            compiled = torch.compile(loss_fn, fullgraph=mode != "dense_liger",
+                                     mode="reduce-overhead" if cudagraphs else None)
+
+        def step_fn(p, x, s, compiled=compiled):
+            loss = compiled(p, x, s)
+            return torch.autograd.grad(loss, plist)
+
+        t0 = time.perf_counter()
+        try:
+            ms, times, peak = time_step(step_fn, params, ids, step, iters)
+        except Exception as error:  # a failing mode is reported, not hidden
+            result["rows"].append({"model": name, "mode": mode, "error": f"{type(error).__name__}: {error}"[:2000]})
+            print(mode, "FAILED", error, flush=True)
+            torch.cuda.empty_cache()
+            continue
+        row = {"model": name, "mode": mode, "tokens_per_step": ids.numel(), "median_step_ms": round(ms, 3),
+               "times_ms": [round(t, 3) for t in times], "peak_mem_gb": round(peak, 3),
+               "flop_model_speedup": round(flop_model("dense", f) / flop_model(mode, f), 3),
+               "compile_and_warmup_s": round(time.perf_counter() - t0 - ms * iters / 1e3, 1)}
+        if not mode.startswith("dense"):
+            row["profile_top_kernels"] = profile(step_fn, params, ids, step)
+        result["rows"].append(row)
+        print(mode, row["median_step_ms"], "ms", row["peak_mem_gb"], "GB", flush=True)
+        del compiled
+        torch.cuda.empty_cache()
+    dense = [r["median_step_ms"] for r in result["rows"] if r["mode"] in ("dense", "dense_ce", "dense_liger") and "median_step_ms" in r]
+    if dense:
+        best = min(dense)
+        result["dense_baseline_ms"] = best
+        for row in result["rows"]:
+            if "median_step_ms" in row:
+                row["speedup_vs_dense"] = round(best / row["median_step_ms"], 3)
+                row["flop_model_efficiency"] = round(row["speedup_vs_dense"] / row["flop_model_speedup"], 3)
+    return result
+
+
+def environment() -> dict:
+    import triton
+
+    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "transformers": transformers.__version__, "cggr_fn": cggr_fn.__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=sorted(MODELS))
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--cudagraphs", action="store_true", help="compile every mode with mode='reduce-overhead'")
+    parser.add_argument("--modes", nargs="*", help="only these modes")
+    parser.add_argument("--merge", nargs="*", help="merge result files into --out instead of running")
+    args = parser.parse_args(argv)
+    if args.merge:
+        parts = [json.load(open(path)) for path in args.merge]
+        merged = {"environment": parts[0]["environment"], "runs": [p["run"] for p in parts],
+                  "rows": [row for p in parts for row in p["run"]["rows"]]}
+        json.dump(merged, open(args.out, "w"), indent=1)
+        return
+    if not args.model:
+        parser.error("--model is required unless --merge is given")
+    result = {"environment": environment(), "run": run(args.model, args.iters, args.cudagraphs, args.modes)}
+    with open(args.out, "w") as handle:
+        json.dump(result, handle, indent=1)
+    print(json.dumps({r["mode"]: r.get("speedup_vs_dense") for r in result["run"]["rows"]}), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,128 @@
+"""Compacted execution: run the rows that carry gradient with autograd and the rest without.
+
+Gating rows with :func:`cggr_fn.route_grad` decides which rows train but saves
+nothing: the backward still multiplies every row, zeros included. Compaction
+makes the backward cost scale with the routed rows. The rows are split by a
+fixed ``capacity`` (a static size, so shapes never depend on the data): the
+first ``capacity`` rows of a stable partition (the mask's true rows in order,
+then false rows to fill) run with autograd, the others under ``torch.no_grad``.
+Padding rows (false rows taken to fill the capacity) are gated exactly as
+:func:`route_grad` gates them, so the gradients equal the masking version's
+whenever the mask holds at most ``capacity`` true rows.
+
+Plain tensor ops only (gathers, two calls, one gather back), so every
+transform composes: ``torch.func.grad``/``vjp``/``vmap``, ``torch.compile``
+with ``fullgraph=True``, CUDA graphs. (An ``autograd.Function`` that saves only
+the routed rows of a linear map's input would spare the gathers, but compiled
+``torch.func.grad`` of such a Function computes wrong gradients on torch 2.13:
+the gathered rows it saves come back as the whole input.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import optree
+import torch
+
+from cggr_fn import _checks
+
+
+class Partition(NamedTuple):
+    """A static split of the flattened rows of a mask; see :func:`partition`.
+
+    Attributes:
+      routed: int64 ``(capacity,)`` row indices that run with autograd.
+      keep: bool ``(capacity,)``, the mask at ``routed`` (false at padding rows).
+      rest: int64 ``(rows - capacity,)`` row indices that run without autograd.
+      place: int64 ``(rows,)``, where each row sits in ``cat([routed, rest])``.
+    """
+
+    routed: torch.Tensor
+    keep: torch.Tensor
+    rest: torch.Tensor
+    place: torch.Tensor
+
+
+def partition(mask: torch.Tensor, capacity: int) -> Partition:
+    """Split the rows of ``mask`` (flattened) into ``capacity`` routed rows and the rest.
+
+    Linear time and sync-free: each row's place in the stable partition (true
+    rows first, in order) comes from two cumulative sums, and the order is
+    their inverse by one scatter of a permutation.
+    """
+    flat = mask.reshape(-1)
+    n = flat.numel()
+    trues = torch.cumsum(flat, 0)
+    falses = torch.cumsum(~flat, 0)
+    count = trues[-1:] if n else trues.new_zeros(1)
+    place = torch.where(flat, trues - 1, count + falses - 1)
+    order = torch.empty_like(place).scatter_(0, place, torch.arange(n, device=mask.device))
+    routed = order[:capacity]
+    return Partition(routed, flat.index_select(0, routed), order[capacity:], place)
+
+
+def check_capacity(capacity: object, mask: torch.Tensor, name: str = "capacity") -> None:
+    """``capacity`` is an int in ``[0, rows]``; under :func:`cggr_fn.checking` the mask fits in it."""
+    _checks.check_int(capacity, name, minimum=0)
+    if capacity > mask.numel():
+        raise ValueError(f"{name}: expected at most the {mask.numel()} rows of the mask, got {capacity}")
+    if _checks.value_checks_enabled():
+        routed = int(mask.sum())  # sync-ok: checking mode only
+        if routed > capacity:
+            raise ValueError(
+                f"{name}: the mask routes {routed} rows, more than the capacity of {capacity}; "
+                "rows beyond the capacity would get no gradient"
+            )
+
+
+def compact_rows(fn: Callable[..., Any], mask: torch.Tensor, capacity: int) -> Callable[..., Any]:
+    """``fn`` with only the routed rows of its inputs and outputs under autograd.
+
+    ``fn`` must be token-wise: row ``i`` of every output depends only on row
+    ``i`` of the inputs (tensor arguments whose leading dims are ``mask``'s
+    shape are split; other arguments, e.g. weights, are passed whole to both
+    calls). Outputs must have one row per input row.
+    """
+
+    def compacted(*args: Any, **kwargs: Any) -> Any:
+        return call_compacted(fn, partition(mask, capacity), tuple(mask.shape), args, kwargs)
+
+    return compacted
+
+
+def call_compacted(fn: Callable[..., Any], part: Partition, shape: tuple[int, ...], args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> Any:
+    """``fn(*args, **kwargs)`` run as two calls, on the routed rows (autograd) and the rest (no autograd)."""
+    lead = len(shape)
+
+    def take(index: torch.Tensor, detach: bool) -> Callable[[Any], Any]:
+        def leaf_rows(leaf: Any) -> Any:
+            if not isinstance(leaf, torch.Tensor) or tuple(leaf.shape[:lead]) != shape:
+                return leaf
+            rows = leaf.reshape(-1, *leaf.shape[lead:]).index_select(0, index)
+            return rows.detach() if detach else rows
+        return leaf_rows
+
+    routed_args, routed_kwargs = optree.tree_map(take(part.routed, False), (args, kwargs), none_is_leaf=True)
+    rest_args, rest_kwargs = optree.tree_map(take(part.rest, True), (args, kwargs), none_is_leaf=True)
+    routed_out = fn(*routed_args, **routed_kwargs)
+    with torch.no_grad():
+        rest_out = fn(*rest_args, **rest_kwargs)
+
+    def join(routed: Any, rest: Any) -> Any:
+        if not isinstance(routed, torch.Tensor) or not (routed.is_floating_point() or routed.is_complex()):
+            return routed
+        if routed.dim() == 0 or routed.shape[0] != part.routed.numel():
+            raise ValueError(
+                "fn: compacted execution needs a token-wise fn (one output row per input row); "
+                f"got an output of shape {tuple(routed.shape)} for {part.routed.numel()} routed rows"
+            )
+        keep = part.keep.reshape(-1, *([1] * (routed.dim() - 1)))
+        # Padding rows (false rows that fill the capacity) are gated as route_grad gates them.
+        gated = torch.where(keep, routed, routed.detach())
+        joined = torch.cat([gated, rest.to(routed.dtype)], 0).index_select(0, part.place)
+        return joined.reshape(*shape, *routed.shape[1:])
+
+    return optree.tree_map(join, routed_out, rest_out, none_is_leaf=True)

@@ -1,0 +1,235 @@
+"""The whole CGGR training loss as one pure function: scores -> selection -> compacted routed forward -> loss."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from cggr_fn import _checks
+from cggr_fn._bucketing import bucket_capacity, bucket_depth
+from cggr_fn._compaction import partition
+from cggr_fn._curriculum import Step
+from cggr_fn._loss import selective_loss
+from cggr_fn._ranking import capacity
+from cggr_fn._scoring import ScoreMethod
+from cggr_fn._selection import _position_hash, select
+from cggr_fn.models._common import check_model
+from cggr_fn.models._detect import ModelParts, resolve_parts
+from cggr_fn.models._routed_forward import DepthRoutedForward, depth_routed_forward
+from cggr_fn.models._router import TruncatedRouter, truncated_router
+from cggr_fn.models._wrappers import lm_loss, lm_targets, token_scores
+
+SELECTIONS = ("topk", "random", "buckets")
+# Config fields of models whose logits are more than ``head(final hidden)``.
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
+
+
+class Routing(NamedTuple):
+    """What a :class:`CGGRLoss` call routed (constants, for logging and tests).
+
+    Attributes:
+      depth: int64 ``(batch, seq)`` gradient depth of every token (layers it trains).
+      scores: float ``(batch, seq)`` scores the selection ranked (``-inf`` = no target).
+    """
+
+    depth: torch.Tensor
+    scores: torch.Tensor
+
+
+class CGGRLoss:
+    """A pure loss ``loss_fn(params, input_ids, step, *, labels=None, attention_mask=None) -> (loss, Routing)``.
+
+    See :func:`cggr_loss`. Attributes mirror its arguments; ``forward`` is the
+    :class:`DepthRoutedForward` and ``router`` the :class:`TruncatedRouter`
+    (``None`` for ``"random"``) it calls.
+    """
+
+    def __init__(self, model: nn.Module, *, selection: str, ratio: float, router_layers: int, method: ScoreMethod,
+                 num_buckets: int, warmup_steps: int, capacity_step: int | None, parts: ModelParts | None) -> None:
+        check_model(model)
+        if selection not in SELECTIONS:
+            raise ValueError(f"selection: expected one of {SELECTIONS}, got {selection!r}")
+        _checks.check_fraction(ratio, "ratio", low_open=True)
+        _checks.check_int(num_buckets, "num_buckets", minimum=1)
+        _checks.check_int(warmup_steps, "warmup_steps", minimum=0)
+        if capacity_step is not None:
+            _checks.check_int(capacity_step, "capacity_step", minimum=0)
+        for field in _LOGIT_TRANSFORMS:
+            value = getattr(getattr(model, "config", None), field, None)
+            if value not in (None, 1, 1.0):
+                raise ValueError(f"model: its logits are transformed after the head ({field}={value}); "
+                                 "cggr_loss computes the head itself and supports plain linear heads only")
+        self.selection = selection
+        self.ratio = float(ratio)
+        self.method = method
+        self.num_buckets = num_buckets
+        self.warmup_steps = warmup_steps
+        self.capacity_step = warmup_steps if capacity_step is None else capacity_step
+        self.forward: DepthRoutedForward = depth_routed_forward(model, parts=parts)
+        self.num_layers = self.forward.num_layers
+        _checks.check_int(router_layers, "router_layers", minimum=1)
+        if router_layers > self.num_layers:
+            raise ValueError(f"router_layers: expected at most the model's {self.num_layers} layers, got {router_layers}")
+        self.router: TruncatedRouter | None = (
+            None if selection == "random" else truncated_router(model, num_layers=router_layers, parts=parts)
+        )
+        self._base, self._head = _base_and_head(model, resolve_parts(model, parts))
+        self._head_names = _aliases(model, self._head)
+
+    def __call__(self, params: dict[str, torch.Tensor], input_ids: torch.Tensor, step: Step, *,
+                 labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
+        """The routed loss and what was routed; see :func:`cggr_loss`."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected a (batch, seq) tensor, got {getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        labels = input_ids if labels is None else labels
+        kwargs: dict[str, Any] = {"input_ids": input_ids}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        scores = self._scores(params, input_ids, labels, attention_mask, step)
+        n = input_ids.numel()
+        if self.selection == "buckets":
+            depth = bucket_depth(scores, step, num_layers=self.num_layers, num_buckets=self.num_buckets,
+                                 warmup_steps=self.warmup_steps)
+            layer_capacity = bucket_capacity(n, self.capacity_step, num_layers=self.num_layers,
+                                             num_buckets=self.num_buckets, warmup_steps=self.warmup_steps)
+            logits = self.forward(params, depth, capacity=layer_capacity, **kwargs).logits
+            return lm_loss(logits, labels, attention_mask=attention_mask), Routing(depth, scores)
+        mask = select(scores, ratio=self.ratio)
+        depth = torch.where(mask, self.num_layers, 0)
+        k = capacity(n, ratio=self.ratio)
+        base = self.forward.module.get_submodule(self._base)
+        prefix = self._base + "."
+        base_params = {name[len(prefix):]: value for name, value in params.items() if name.startswith(prefix)}
+        hidden = self.forward.call_module(base, base_params, depth, (), kwargs, capacity=k)[0]
+        # Only the selected tokens reach the head: its forward and backward run on k rows.
+        part = partition(mask, k)
+        rows = hidden.reshape(n, hidden.shape[-1]).index_select(0, part.routed)
+        logits = nn.functional.linear(rows, *self._head_tensors(params))
+        targets = lm_targets(labels, attention_mask=attention_mask).reshape(n).index_select(0, part.routed)
+        return selective_loss(logits, targets, part.keep), Routing(depth, scores)
+
+    def _scores(self, params: dict[str, torch.Tensor], input_ids: torch.Tensor, labels: torch.Tensor,
+                attention_mask: torch.Tensor | None, step: Step) -> torch.Tensor:
+        if self.router is None:
+            # Uniform draws from a hash of (position, step): pure, the same on every device.
+            draws = _position_hash(input_ids.numel(), step, input_ids.device).reshape(input_ids.shape).float()
+            labelled = lm_targets(labels, attention_mask=attention_mask) != -100
+            return torch.where(labelled, draws, float("-inf"))
+        kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+        logits = self.router(params, input_ids, **kwargs)
+        return token_scores(logits, labels, attention_mask=attention_mask, method=self.method)
+
+    def _head_tensors(self, params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        weight = next((params[name] for name in self._head_names["weight"] if name in params), None)
+        if weight is None:
+            raise KeyError(f"params: no entry for the head's weight (any of {self._head_names['weight']})")
+        bias_names = self._head_names.get("bias", [])
+        bias = next((params[name] for name in bias_names if name in params), None)
+        return weight, bias
+
+    def __repr__(self) -> str:
+        return (f"CGGRLoss({type(self.forward.module).__name__}, selection={self.selection!r}, ratio={self.ratio}, "
+                f"num_layers={self.num_layers})")
+
+
+def _base_and_head(model: nn.Module, parts: ModelParts) -> tuple[str, str]:
+    base = getattr(model, "base_model_prefix", "")
+    if not base or not parts.layers.startswith(base + ".") or parts.head is None:
+        raise ValueError(f"model: cggr_loss needs a causal LM with a base model (base_model_prefix) holding the "
+                         f"layers and a head; got base {base!r}, layers {parts.layers!r}, head {parts.head!r}")
+    head = model.get_submodule(parts.head)
+    if type(head) is not nn.Linear:
+        raise ValueError(f"model: cggr_loss computes the head as a linear map; {parts.head} is a {type(head).__name__}")
+    return base, parts.head
+
+
+def _aliases(model: nn.Module, head: str) -> dict[str, list[str]]:
+    """Every name (tied ones included) under which the head's tensors appear in ``model.named_parameters()``."""
+    module = model.get_submodule(head)
+    names: dict[str, list[str]] = {}
+    for attribute in ("weight", "bias"):
+        tensor = getattr(module, attribute, None)
+        if tensor is not None:
+            names[attribute] = [name for name, p in model.named_parameters(remove_duplicate=False) if p is tensor]
+    return names
+
+
+def cggr_loss(
+    model: nn.Module,
+    *,
+    selection: str = "topk",
+    ratio: float = 0.25,
+    router_layers: int = 2,
+    method: ScoreMethod = "combined",
+    num_buckets: int = 4,
+    warmup_steps: int = 0,
+    capacity_step: int | None = None,
+    parts: ModelParts | None = None,
+) -> CGGRLoss:
+    """The CGGR language-model loss of a causal LM as one pure, compacted function.
+
+    ``loss_fn(params, input_ids, step, *, labels=None, attention_mask=None)``
+    returns ``(loss, routing)``; ``torch.func.grad_and_value(loss_fn,
+    has_aux=True)`` is the training step (or ``loss.backward()``). Each call:
+
+    1. scores every token (next-token aligned, padding and the last position
+       excluded): a :func:`truncated_router` of ``router_layers`` layers and
+       :func:`cggr_fn.score` by ``method``, or uniform draws from a hash of
+       (position, ``step``) for ``"random"`` (the compute-matched control);
+    2. selects: ``"topk"``/``"random"`` keep ``k = capacity(tokens, ratio=ratio)``
+       tokens (:func:`cggr_fn.select`) that train every layer, the rest train
+       none; ``"buckets"`` gives every token a depth
+       (:func:`cggr_fn.bucket_depth` at ``step``);
+    3. runs the model through :func:`depth_routed_forward` compacted: in each
+       layer, the token-wise parts run under autograd only for the tokens
+       that train it; for ``"topk"``/``"random"`` the head and the loss run on
+       the ``k`` selected tokens only (:func:`cggr_fn.selective_loss`, the mean
+       over them); for ``"buckets"`` the loss is :func:`lm_loss` over all tokens.
+
+    Shapes are static and nothing synchronises with the host, so the loss
+    compiles with ``torch.compile(fullgraph=True)`` and a step can be captured
+    in a CUDA graph. Capacities are static: for ``"buckets"`` they are those
+    of ``capacity_step`` (default: ``warmup_steps``, the final partition), and
+    hold for every step at or after it; a step before it routes more tokens
+    than fit (:func:`cggr_fn.checking` raises), so during warmup build a loss
+    with an earlier ``capacity_step``.
+
+    FLOP model (per token; ``P`` = a layer's linear parameters, ``A`` = its
+    attention FLOPs forward, ``L`` layers, ``H`` = head parameters, ``K`` =
+    ``router_layers``, ``r`` = the share of tokens a layer trains):
+    dense is ``L (6P + 3.5A) + 6H``; routed is ``K (2P + A) + 2H`` (router)
+    ``+ L (2P + A + 4 r P + 2.5A) + 6 r H`` (head on the selected tokens;
+    ``6H`` for ``"buckets"``). Attention's backward stays whole (every query,
+    2.5A), as the model's own attention kernel runs it.
+
+    Args:
+      model: a causal LM whose logits are ``head(final hidden)`` with a linear
+        head (Llama, Mistral, Qwen2, GPT-2, ...).
+      selection: ``"topk"``, ``"random"`` or ``"buckets"``.
+      ratio: share of tokens trained, in ``(0, 1]`` (``"topk"``, ``"random"``).
+      router_layers: layers of the scoring router, >= 1.
+      method: a :func:`cggr_fn.score` method.
+      num_buckets, warmup_steps: the curriculum of ``"buckets"``.
+      capacity_step: the first step the ``"buckets"`` capacities hold for.
+      parts: where the model's pieces are; detected if ``None``.
+
+    Returns:
+      A :class:`CGGRLoss`.
+
+    Example:
+      >>> import torch, transformers
+      >>> from cggr_fn.models import cggr_loss
+      >>> config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
+      ...                                   num_hidden_layers=2, num_attention_heads=2)
+      >>> model = transformers.LlamaForCausalLM(config)
+      >>> loss_fn = cggr_loss(model, selection="topk", ratio=0.25, router_layers=1)
+      >>> params = {k: v.detach() for k, v in model.named_parameters()}
+      >>> ids = torch.randint(0, 32, (2, 8))
+      >>> grads, (loss, routing) = torch.func.grad_and_value(loss_fn, has_aux=True)(params, ids, 0)
+      >>> int((routing.depth > 0).sum())  # 4 of the 16 tokens trained
+      4
+    """
+    return CGGRLoss(model, selection=selection, ratio=ratio, router_layers=router_layers, method=method,
+                    num_buckets=num_buckets, warmup_steps=warmup_steps, capacity_step=capacity_step, parts=parts)
