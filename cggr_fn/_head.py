@@ -307,11 +307,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, *_):
         d_rows, d_weight, d_bias, nll, active = ctx.saved_tensors
         # A 0-d upstream gradient scales without promoting the 16-bit gradients.
+        # Every gradient is returned, needed or not: ctx.needs_input_grad reads
+        # False for the weight under torch.compile of torch.func.grad (torch
+        # 2.13), which would silently zero the weight's gradient.
         return (
-            d_rows * grad_loss if ctx.needs_input_grad[0] else None,
-            d_weight * grad_loss if ctx.needs_input_grad[1] else None,
-            d_bias * grad_loss if ctx.has_bias and ctx.needs_input_grad[2] else None,
-            grad_loss * torch.where(active, nll, 0.0) if ctx.needs_input_grad[3] else None,
+            d_rows * grad_loss,
+            d_weight * grad_loss,
+            d_bias * grad_loss if ctx.has_bias else None,
+            grad_loss * torch.where(active, nll, 0.0),
             None,
             None,
             None,
