@@ -200,7 +200,7 @@ def main():
                     })
                 save()
             if not args.no_sweep and hidden_size == 2048 and vocab == 128256:
-                for chunk in (512, 2048, 4096):
+                for chunk in (512, 1024, 2048, 4096):
                     for ratio in (1.0, 0.25):
                         fn = ours(ratio, chunk)
                         fn()

@@ -39,8 +39,14 @@ from cggr_fn._selection import STRATEGIES, priority_sample, select
 from cggr_fn._stats import KERNEL_DTYPES, TokenStats, compute_dtype, token_stats_reference
 
 #: The default bound on one chunk of logits, in bytes: :func:`chunk_rows`
-#: picks the largest power-of-two number of rows whose logits fit in it.
-CHUNK_BYTES = 256 * 2**20
+#: picks the largest power-of-two number of rows whose logits fit in it. Why
+#: this large: the weight gradient is accumulated over chunks by GEMMs that
+#: read and write the whole (vocab, hidden_size) gradient once per chunk, so
+#: that traffic costs about (2/3) * (bf16 FLOP rate / memory bandwidth) / rows
+#: of the GEMM time, 100 / rows to 150 / rows on an H200 or H100: 2048 rows at
+#: vocab 128256 (512 MiB of bf16 logits) keep it at 5-8% (Liger-Kernel picks
+#: 512 rows there, 20-30%).
+CHUNK_BYTES = 512 * 2**20
 
 NORMALIZATIONS = ("selected", "valid")
 #: Selection strategies of :func:`fused_head_loss`: those of :func:`cggr_fn.select`, and ``"priority"``.
@@ -58,7 +64,7 @@ def chunk_rows(vocab: int, dtype: torch.dtype) -> int:
       >>> import torch
       >>> from cggr_fn._head import chunk_rows
       >>> chunk_rows(128256, torch.bfloat16), chunk_rows(128256, torch.float32), chunk_rows(49152, torch.bfloat16)
-      (1024, 512, 2048)
+      (2048, 1024, 4096)
     """
     rows = max(1, CHUNK_BYTES // (vocab * torch.empty((), dtype=dtype).element_size()))
     return 1 << (rows.bit_length() - 1)
@@ -88,7 +94,7 @@ def fused_linear_token_stats(
     fused kernel for float32/bfloat16/float16 CUDA tensors, the PyTorch
     reference otherwise), and each chunk is freed before the next: at most
     ``chunk_size x vocab`` logits exist at a time (with the default, at most
-    :data:`CHUNK_BYTES` = 256 MiB, or one row if a row is larger). The
+    :data:`CHUNK_BYTES` = 512 MiB, or one row if a row is larger). The
     statistics are those of :func:`cggr_fn.token_stats` on the same chunk's
     logits, bit for bit; against the logits of one full-size GEMM they agree
     as closely as two GEMMs of different shapes do. Constants (no gradient),
@@ -397,7 +403,7 @@ def fused_selective_loss(
       capacity: slots for a mask selection (static), in ``[0, n]``; default ``n``.
       ignore_index: target value of positions without a label.
       normalize: ``"selected"`` or ``"valid"``, as in :func:`cggr_fn.selective_loss`.
-      chunk_size: rows per chunk; default :func:`chunk_rows` (logits chunk <= 256 MiB).
+      chunk_size: rows per chunk; default :func:`chunk_rows` (logits chunk <= 512 MiB).
 
     Returns:
       A 0-d tensor, float32 or float64 for float64 inputs.
@@ -507,7 +513,7 @@ def fused_head_loss(
       ignore_index: target value of positions without a label.
       normalize: ``"selected"`` or ``"valid"`` (use ``"valid"`` with
         ``"priority"`` for an unbiased estimate of the dense mean).
-      chunk_size: rows per chunk; default :func:`chunk_rows` (logits chunk <= 256 MiB).
+      chunk_size: rows per chunk; default :func:`chunk_rows` (logits chunk <= 512 MiB).
 
     Returns:
       A :class:`HeadLoss` ``(loss, stats, mask, weights)``.
