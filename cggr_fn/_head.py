@@ -74,6 +74,16 @@ def _use_kernel(hidden: torch.Tensor) -> bool:
     return hidden.is_cuda and hidden.dtype in KERNEL_DTYPES
 
 
+def _weight_grad(weight: torch.Tensor) -> bool:
+    """Whether the loss pass computes the weight gradient: not for a frozen head (a third of its GEMMs).
+
+    Always under ``torch.compile``: there ``requires_grad`` reads False for a
+    weight that ``torch.func.grad`` differentiates (torch 2.13), and skipping
+    would silently drop its gradient.
+    """
+    return weight.requires_grad or torch.compiler.is_compiling()
+
+
 # ----------------------------------------------------------------- statistics
 
 
@@ -184,6 +194,7 @@ def linear_cross_entropy_grad(
     ignore_index: int,
     chunk_size: int,
     use_kernel: bool,
+    weight_grad: bool,
 ) -> _Nine:
     """Statistics and cross-entropy gradients of ``rows @ weight.T + bias``, ``chunk_size`` rows at a time.
 
@@ -206,22 +217,26 @@ def linear_cross_entropy_grad(
       ignore_index: target value of rows without a label.
       chunk_size: rows per chunk, >= 1.
       use_kernel: Triton kernels or the PyTorch reference.
+      weight_grad: whether to compute the weight gradient (a third of the
+        GEMMs); without it that output is an empty ``(0,)`` tensor.
 
     Returns:
       ``(entropy, confidence, margin, logsumexp, nll, grad_norm)`` of shape
       ``(k,)`` in the compute dtype, the rows' gradient ``(k, hidden_size)``,
-      the weight gradient ``(vocab, hidden_size)`` and the bias gradient
-      ``(vocab,)`` (zeros without a bias), all new tensors.
+      the weight gradient ``(vocab, hidden_size)`` (or ``(0,)``) and the bias
+      gradient ``(vocab,)`` (zeros without a bias), all new tensors.
     """
     k = rows.shape[0]
     vocab = weight.shape[0]
     dtype = torch.float32 if use_kernel else compute_dtype(rows.dtype)
     stats = tuple(rows.new_empty(k, dtype=dtype) for _ in range(6))
     d_rows = torch.empty_like(rows, memory_format=torch.contiguous_format)
-    # Written by the first chunk; zeros only when there is none.
-    d_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format) if k == 0 else torch.empty_like(
-        weight, memory_format=torch.contiguous_format
-    )
+    if not weight_grad:
+        d_weight = weight.new_empty(0)
+    elif k == 0:
+        d_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+    else:  # written by the first chunk
+        d_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
     d_bias = torch.zeros(vocab, dtype=dtype, device=weight.device)
     coef = coef.to(dtype).contiguous()
     if use_kernel:
@@ -255,7 +270,9 @@ def linear_cross_entropy_grad(
             grad = softmax_grad_reference(logits, part_stats[3], part_targets, part_coef)
             del logits
         torch.mm(grad, weight, out=d_rows[start:stop])
-        if start == 0:
+        if not weight_grad:
+            pass
+        elif start == 0:
             # The first chunk writes the weight gradient instead of adding to
             # zeros: one pass less over a (vocab, hidden_size) tensor.
             torch.mm(grad.t(), part, out=d_weight)
@@ -268,14 +285,17 @@ def linear_cross_entropy_grad(
 
 
 @linear_cross_entropy_grad.register_fake
-def _linear_cross_entropy_grad_fake(rows, weight, bias, targets, coef, ignore_index, chunk_size, use_kernel):
+def _linear_cross_entropy_grad_fake(rows, weight, bias, targets, coef, ignore_index, chunk_size, use_kernel, weight_grad):
     dtype = torch.float32 if use_kernel else compute_dtype(rows.dtype)
     stats = tuple(rows.new_empty(rows.shape[0], dtype=dtype) for _ in range(6))
-    return (*stats, rows.new_empty(rows.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape[0]))
+    d_weight = weight.new_empty(weight.shape if weight_grad else (0,))
+    return (*stats, rows.new_empty(rows.shape), d_weight, weight.new_empty(weight.shape[0]))
 
 
 @linear_cross_entropy_grad.register_vmap
-def _linear_cross_entropy_grad_vmap(info, in_dims, rows, weight, bias, targets, coef, ignore_index, chunk_size, use_kernel):
+def _linear_cross_entropy_grad_vmap(
+    info, in_dims, rows, weight, bias, targets, coef, ignore_index, chunk_size, use_kernel, weight_grad
+):
     # Each batch element is a separate head (its own weight, possibly): one
     # call per element, stacked. vmap over this op is for composability
     # (torch.func.vmap of a training step), not throughput.
@@ -284,7 +304,9 @@ def _linear_cross_entropy_grad_vmap(info, in_dims, rows, weight, bias, targets, 
 
     tensors = (rows, weight, bias, targets, coef)
     results = [
-        linear_cross_entropy_grad(*(element(x, d, i) for x, d in zip(tensors, in_dims[:5])), ignore_index, chunk_size, use_kernel)
+        linear_cross_entropy_grad(
+            *(element(x, d, i) for x, d in zip(tensors, in_dims[:5])), ignore_index, chunk_size, use_kernel, weight_grad
+        )
         for i in range(info.batch_size)
     ]
     return tuple(torch.stack(column) for column in zip(*results)), (0,) * 9
@@ -300,10 +322,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(rows, weight, bias, coef, targets, active, ignore_index, chunk_size, use_kernel):
+    def forward(rows, weight, bias, coef, targets, active, ignore_index, chunk_size, use_kernel, weight_grad):
         scale = torch.where(active, coef, 0.0)
         *stats, d_rows, d_weight, d_bias = linear_cross_entropy_grad(
-            rows, weight, bias, targets, scale, ignore_index, chunk_size, use_kernel
+            rows, weight, bias, targets, scale, ignore_index, chunk_size, use_kernel, weight_grad
         )
         # where(), not a product with 0: an untrained row's nll may be +inf.
         loss = torch.where(active, coef * stats[4], 0.0).sum()
@@ -311,9 +333,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        _, _, bias, _, _, active, *_ = inputs
+        _, _, bias, _, _, active, *_, weight_grad = inputs
         _, *stats, d_rows, d_weight, d_bias = output
         ctx.has_bias = bias is not None
+        ctx.weight_grad = weight_grad
         ctx.save_for_backward(d_rows, d_weight, d_bias, stats[4], active)
         ctx.mark_non_differentiable(*stats, d_rows, d_weight, d_bias)
 
@@ -326,9 +349,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # 2.13), which would silently zero the weight's gradient.
         return (
             d_rows * grad_loss,
-            d_weight * grad_loss,
+            d_weight * grad_loss if ctx.weight_grad else None,
             d_bias * grad_loss if ctx.has_bias else None,
             grad_loss * torch.where(active, nll, 0.0),
+            None,
             None,
             None,
             None,
@@ -564,7 +588,8 @@ def fused_head_loss(
         labelled = flat_targets != ignore_index
         coef = torch.ones(n, dtype=dtype, device=hidden.device) / labelled.sum().clamp_min(1)
         loss, *flat_stats = _LinearCrossEntropy.apply(
-            flat_hidden, weight, bias, coef, flat_targets, labelled, ignore_index, chunk, _use_kernel(hidden)
+            flat_hidden, weight, bias, coef, flat_targets, labelled, ignore_index, chunk, _use_kernel(hidden),
+            _weight_grad(weight),
         )[:7]
         stats = TokenStats(*(s.reshape(lead) for s in flat_stats))
         mask, sample_weights = _selection(scores_from_stats(stats, targets, to_score, ignore_index), ratio, strategy,
@@ -619,7 +644,8 @@ def _slot_loss(
     denominator = (trained if normalize == "selected" else labelled).sum().clamp_min(1)
     rows = hidden.index_select(0, slots)
     loss, *stats = _LinearCrossEntropy.apply(
-        rows, weight, bias, numerator / denominator, slot_targets, trained, ignore_index, chunk, _use_kernel(hidden)
+        rows, weight, bias, numerator / denominator, slot_targets, trained, ignore_index, chunk, _use_kernel(hidden),
+        _weight_grad(weight),
     )[:7]
     return loss, tuple(stats)
 

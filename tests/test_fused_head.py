@@ -171,8 +171,8 @@ def test_kernel_path_matches_reference_path(dtype):
     coef = torch.rand(10, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     coef[4] = 0.0
     args = (rows, weight.to(DEVICE), bias.to(DEVICE), t, coef, -100, 4)
-    got = _head.linear_cross_entropy_grad(*args, True)
-    want = _head.linear_cross_entropy_grad(*args, False)
+    got = _head.linear_cross_entropy_grad(*args, True, True)
+    want = _head.linear_cross_entropy_grad(*args, False, True)
     assert_close_all(got, want, dtype if dtype == torch.bfloat16 else torch.float32, "op")
     assert torch.equal(got[6][4], torch.zeros(6, dtype=dtype, device=DEVICE))  # coef 0: no gradient
 
@@ -204,6 +204,28 @@ def test_unselected_rows_get_exactly_zero_gradient():
     trained = mask & (targets != -100)
     assert torch.equal(grad[~trained], torch.zeros_like(grad[~trained]))
     assert (grad[trained].abs().sum(-1) > 0).all()
+
+
+def test_frozen_head_skips_the_weight_gradient(monkeypatch):
+    """A weight that does not require grad gets no weight-gradient GEMMs; the other gradients are unchanged."""
+    hidden, weight, bias, targets, mask, _ = make(torch.float64, (2, 5), 13, 6)
+    calls = []
+    real = _head.linear_cross_entropy_grad
+
+    def spy(*args):
+        calls.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(_head, "linear_cross_entropy_grad", spy)
+    h = hidden.clone().requires_grad_()
+    (frozen,) = torch.autograd.grad(cggr_fn.fused_selective_loss(h, weight, targets, mask), h)
+    w = weight.clone().requires_grad_()
+    trained, _ = torch.autograd.grad(cggr_fn.fused_selective_loss(h, w, targets, mask), (h, w))
+    assert calls == [False, True]
+    assert torch.equal(frozen, trained)
+    assert torch.equal(torch.func.grad(lambda x: cggr_fn.fused_head_loss(x, weight, targets, ratio=1.0).loss)(hidden), torch.func.grad(
+        lambda x: cggr_fn.fused_head_loss(x, w, targets, ratio=1.0).loss)(hidden))
+    assert calls[2:] == [False, True]
 
 
 def test_nothing_selected():
@@ -317,9 +339,9 @@ def test_opcheck():
     rows, t = hidden.reshape(-1, 4).to(DEVICE), targets.reshape(-1).to(DEVICE)
     coef = torch.rand(6).to(DEVICE)
     op = _head.linear_cross_entropy_grad
-    torch.library.opcheck(op, (rows, weight.to(DEVICE), bias.to(DEVICE), t, coef, -100, 4, True))
-    torch.library.opcheck(op, (rows.bfloat16(), weight.bfloat16().to(DEVICE), None, t.int(), coef, -100, 2, True))
-    torch.library.opcheck(op, (rows.double(), weight.double().to(DEVICE), bias.double().to(DEVICE), t, coef.double(), -100, 5, False))
+    torch.library.opcheck(op, (rows, weight.to(DEVICE), bias.to(DEVICE), t, coef, -100, 4, True, True))
+    torch.library.opcheck(op, (rows.bfloat16(), weight.bfloat16().to(DEVICE), None, t.int(), coef, -100, 2, True, False))
+    torch.library.opcheck(op, (rows.double(), weight.double().to(DEVICE), bias.double().to(DEVICE), t, coef.double(), -100, 5, False, True))
 
 
 # ----------------------------------------------------------------- kernel
