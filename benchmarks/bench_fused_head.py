@@ -1,9 +1,9 @@
 """Benchmark the fused LM head (statistics + selection + selective loss) against fused and unfused cross-entropy.
 
 Run on a CUDA machine (Liger-Kernel is optional; without it its rows are
-recorded as absent)::
+recorded as absent; ``benchmarks/run_fused_head_gpu.sh`` unpacks its
+pure-Python wheel from ``.whl/`` onto ``PYTHONPATH``)::
 
-    pip install --no-deps .whl/liger_kernel-*.whl   # pure Python
     python benchmarks/bench_fused_head.py --out benchmarks/results/fused_head.json
 
 Each row times forward + backward (gradients of hidden and weight) of one
