@@ -10,6 +10,7 @@ from importlib import metadata as _metadata
 from cggr_fn._bucketing import bucket, bucket_capacity, bucket_depth, bucket_sizes
 from cggr_fn._checks import checking
 from cggr_fn._curriculum import dynamic_ratio, ratio_schedule
+from cggr_fn._head import HeadLoss, fused_head_loss, fused_linear_token_stats, fused_selective_loss
 from cggr_fn._loss import selective_loss
 from cggr_fn._ranking import capacity
 from cggr_fn._routing import depth_masks, route_depth, route_grad
@@ -26,6 +27,7 @@ except _metadata.PackageNotFoundError:
     __version__ = "0+unknown"
 
 __all__ = [
+    "HeadLoss",
     "Sample",
     "TokenStats",
     "bucket",
@@ -36,6 +38,9 @@ __all__ = [
     "checking",
     "depth_masks",
     "dynamic_ratio",
+    "fused_head_loss",
+    "fused_linear_token_stats",
+    "fused_selective_loss",
     "priority_sample",
     "ratio_schedule",
     "route_depth",

@@ -79,17 +79,28 @@ def score(
       >>> cggr_fn.score(logits.double()).dtype
       torch.float64
     """
+    to_score = resolve_method(method, targets)
+    stats = token_stats(logits, targets, ignore_index=ignore_index)
+    return scores_from_stats(stats, targets, to_score, ignore_index)
+
+
+def resolve_method(method: ScoreMethod, targets: torch.Tensor | None) -> Callable[[TokenStats], torch.Tensor]:
+    """The function of :class:`TokenStats` that ``method`` names, checked before any statistic is computed."""
     if isinstance(method, str):
         if method not in _METHODS:
             raise ValueError(f"method: expected one of {sorted(_METHODS)} or a callable, got {method!r}")
         if method in _NEEDS_TARGETS and targets is None:
             raise ValueError(f'method: "{method}" scores by {_NEEDS_TARGETS[method]} and needs targets, got targets=None')
-        to_score = _METHODS[method]
-    elif callable(method):
-        to_score = method
-    else:
-        raise TypeError(f"method: expected a str or a callable on TokenStats, got {type(method).__name__}")
-    stats = token_stats(logits, targets, ignore_index=ignore_index)
+        return _METHODS[method]
+    if callable(method):
+        return method
+    raise TypeError(f"method: expected a str or a callable on TokenStats, got {type(method).__name__}")
+
+
+def scores_from_stats(
+    stats: TokenStats, targets: torch.Tensor | None, to_score: Callable[[TokenStats], torch.Tensor], ignore_index: int
+) -> torch.Tensor:
+    """:func:`score` from statistics already computed (the fused LM head computes them without logits)."""
     scores = to_score(stats)
     if not isinstance(scores, torch.Tensor) or scores.shape != stats.entropy.shape:
         got = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__

@@ -9,6 +9,8 @@ LOGITS = torch.randn(2, 3, 5)
 TARGETS = torch.randint(0, 5, (2, 3))
 SCORES = torch.randn(2, 3)
 MASK = torch.ones(2, 3, dtype=torch.bool)
+HIDDEN = torch.randn(2, 3, 5)
+HEAD = torch.randn(7, 5)
 
 
 def identity(x):
@@ -92,6 +94,33 @@ CASES = [
     (lambda: cggr_fn.selective_loss(LOGITS, TARGETS, MASK, weights=TARGETS), TypeError, r"weights: expected a floating-point tensor, got torch.int64"),
     (lambda: cggr_fn.selective_loss(LOGITS, TARGETS, MASK, weights=torch.ones(3)), ValueError, r"weights: expected shape \(2, 3\)"),
     (lambda: cggr_fn.selective_loss(LOGITS, TARGETS, MASK, weights=torch.ones(2, 3, device="meta")), ValueError, r"weights: expected device cpu"),
+    # fused LM head
+    (lambda: cggr_fn.fused_linear_token_stats(HIDDEN, HEAD[:, :3]), ValueError, r"weight: expected shape \(vocab, 5\) \(hidden_size = hidden.shape\[-1\]\), got \(7, 3\)"),
+    (lambda: cggr_fn.fused_linear_token_stats(LOGITS.long(), HEAD), TypeError, r"hidden: expected a floating-point tensor, got dtype torch.int64"),
+    (lambda: cggr_fn.fused_linear_token_stats(torch.tensor(1.0), HEAD), ValueError, r"hidden: expected at least 1 dimension"),
+    (lambda: cggr_fn.fused_linear_token_stats(HIDDEN, HEAD[:1]), ValueError, r"weight: expected a vocabulary of at least 2 \(weight.shape\[0\]\), got 1"),
+    (lambda: cggr_fn.fused_linear_token_stats(HIDDEN, HEAD.double()), TypeError, r"weight: expected dtype torch.float32 \(hidden's dtype\), got torch.float64"),
+    (lambda: cggr_fn.fused_linear_token_stats(HIDDEN, HEAD.to("meta")), ValueError, r"weight: expected device cpu \(hidden's device\), got meta"),
+    (lambda: cggr_fn.fused_linear_token_stats(HIDDEN, HEAD, bias=torch.zeros(6)), ValueError, r"bias: expected shape \(7,\) \(weight.shape\[0\]\), got \(6,\)"),
+    (lambda: cggr_fn.fused_linear_token_stats(HIDDEN, HEAD, bias=torch.zeros(7).half()), TypeError, r"bias: expected dtype torch.float32"),
+    (lambda: cggr_fn.fused_linear_token_stats(HIDDEN, HEAD, TARGETS[0]), ValueError, r"targets: expected shape \(2, 3\) \(hidden.shape\[:-1\]\), got \(3,\)"),
+    (lambda: cggr_fn.fused_linear_token_stats(HIDDEN, HEAD, chunk_size=0), ValueError, r"chunk_size: expected an int >= 1, got 0"),
+    (lambda: cggr_fn.fused_selective_loss(HIDDEN, HEAD, TARGETS, MASK[0]), ValueError, r"selection: a mask must have shape \(2, 3\) \(hidden.shape\[:-1\]\), got \(3,\)"),
+    (lambda: cggr_fn.fused_selective_loss(HIDDEN, HEAD, TARGETS, MASK.float()), TypeError, r"selection: expected a boolean mask or int64/int32 positions, got dtype torch.float32"),
+    (lambda: cggr_fn.fused_selective_loss(HIDDEN, HEAD, TARGETS, TARGETS), ValueError, r"selection: positions must be a 1-D tensor, got shape \(2, 3\)"),
+    (lambda: cggr_fn.fused_selective_loss(HIDDEN, HEAD, TARGETS, [0, 1]), TypeError, r"selection: expected a boolean mask or integer positions \(a torch.Tensor\), got list"),
+    (lambda: cggr_fn.fused_selective_loss(HIDDEN, HEAD, TARGETS, MASK, capacity=7), ValueError, r"capacity: expected an int <= 6 \(the number of tokens\), got 7"),
+    (lambda: cggr_fn.fused_selective_loss(HIDDEN, HEAD, TARGETS, MASK, capacity=-1), ValueError, r"capacity: expected an int >= 0, got -1"),
+    (lambda: cggr_fn.fused_selective_loss(HIDDEN, HEAD, TARGETS, torch.tensor([0]), capacity=1), ValueError, r"capacity: applies to a mask selection"),
+    (lambda: cggr_fn.fused_selective_loss(HIDDEN, HEAD, TARGETS, MASK.to("meta")), ValueError, r"selection: expected device cpu \(hidden's device\), got meta"),
+    (lambda: cggr_fn.fused_selective_loss(HIDDEN, HEAD, TARGETS, MASK, weights=torch.ones(3)), ValueError, r"weights: expected shape \(2, 3\) \(hidden.shape\[:-1\]\)"),
+    (lambda: cggr_fn.fused_selective_loss(HIDDEN, HEAD, TARGETS, MASK, normalize="batch"), ValueError, r"normalize: expected one of \('selected', 'valid'\)"),
+    (lambda: cggr_fn.fused_selective_loss(HIDDEN[:0], HEAD, TARGETS[:0], torch.tensor([0])), ValueError, r"selection: 1 positions into 0 tokens"),
+    (lambda: cggr_fn.fused_head_loss(HIDDEN, HEAD, TARGETS, ratio=torch.tensor(0.5)), TypeError, r"ratio: expected a Python float \(pass 2 runs on a static number of rows"),
+    (lambda: cggr_fn.fused_head_loss(HIDDEN, HEAD, TARGETS, ratio=0.0), ValueError, r"ratio: expected a value in \(0, 1\], got 0.0"),
+    (lambda: cggr_fn.fused_head_loss(HIDDEN, HEAD, TARGETS, ratio=0.5, strategy="random"), ValueError, r"strategy: expected one of \('topk', 'stratified', 'sequence_aware', 'priority'\)"),
+    (lambda: cggr_fn.fused_head_loss(HIDDEN, HEAD, TARGETS, ratio=0.5, method="perplexity"), ValueError, r"method: expected one of"),
+    (lambda: cggr_fn.fused_head_loss(HIDDEN, HEAD, TARGETS, ratio=0.5, uniform_mix=2.0, strategy="priority"), ValueError, r"uniform_mix: expected a value in \[0, 1\]"),
 ]
 
 

@@ -14,7 +14,7 @@ import cggr_fn
 DOUBLE = torch.float64
 # Every differentiable function of cggr_fn's core API (the others return
 # statistics, masks, integer buckets or ratios, which are constants).
-DIFFERENTIABLE = ("route_depth", "route_grad", "selective_loss")
+DIFFERENTIABLE = ("fused_head_loss", "fused_selective_loss", "route_depth", "route_grad", "selective_loss")
 
 
 def test_the_list_is_complete():
@@ -38,6 +38,44 @@ def test_gradcheck_selective_loss(normalize):
     weights = torch.rand(2, 3, dtype=DOUBLE, generator=torch.Generator().manual_seed(2), requires_grad=True)
     assert torch.autograd.gradcheck(
         lambda x, w: cggr_fn.selective_loss(x, targets, mask, weights=w, normalize=normalize), (logits, weights)
+    )
+
+
+def _head(*, tokens=(2, 4), vocab=7, hidden_size=3):
+    generator = torch.Generator().manual_seed(3)
+    hidden = torch.randn(*tokens, hidden_size, dtype=DOUBLE, generator=generator, requires_grad=True)
+    weight = torch.randn(vocab, hidden_size, dtype=DOUBLE, generator=generator, requires_grad=True)
+    bias = torch.randn(vocab, dtype=DOUBLE, generator=generator, requires_grad=True)
+    targets = torch.randint(0, vocab, tokens, generator=generator)
+    targets[0, 1] = -100
+    return hidden, weight, bias, targets
+
+
+@pytest.mark.parametrize("normalize", ["selected", "valid"])
+def test_gradcheck_fused_selective_loss(normalize):
+    """Gradients computed in the forward, chunk by chunk (chunks of 3 rows of 5 selected)."""
+    hidden, weight, bias, targets = _head()
+    mask = torch.tensor([[True, True, False, True], [False, True, True, True]])
+    weights = torch.rand(2, 4, dtype=DOUBLE, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda h, w, b, wt: cggr_fn.fused_selective_loss(
+            h, w, targets, mask, weights=wt, bias=b, capacity=6, normalize=normalize, chunk_size=3
+        ),
+        (hidden, weight, bias, weights),
+    )
+    positions = torch.tensor([6, 0, 3, 6])
+    assert torch.autograd.gradcheck(
+        lambda h, w: cggr_fn.fused_selective_loss(h, w, targets, positions, normalize=normalize, chunk_size=2), (hidden, weight)
+    )
+
+
+@pytest.mark.parametrize("ratio", [0.5, 1.0])
+def test_gradcheck_fused_head_loss(ratio):
+    """Selection is piecewise constant in the inputs; the loss is differentiable where it does not change."""
+    hidden, weight, bias, targets = _head()
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: cggr_fn.fused_head_loss(h, w, targets, bias=b, ratio=ratio, method="grad_norm", chunk_size=3).loss,
+        (hidden, weight, bias),
     )
 
 

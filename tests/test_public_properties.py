@@ -85,6 +85,14 @@ def _layers(dtype: torch.dtype) -> list[Callable[[torch.Tensor], torch.Tensor]]:
     return [lambda h, w=w: layer(h, w) for w in weights]
 
 
+def _hidden(dtype: torch.dtype, size: int) -> torch.Tensor:
+    return torch.randn(*SIZES[size], 4, generator=_generator(size + 40)).to(dtype)
+
+
+def _head_weight(dtype: torch.dtype) -> torch.Tensor:
+    return torch.randn(VOCAB, 4, generator=_generator(50)).to(dtype)
+
+
 NOT_DIFFERENTIABLE = "outputs are detached or not floating by design"
 NO_FLOAT_INPUT = "takes no floating input"
 
@@ -195,6 +203,41 @@ TABLE: dict[str, Entry] = {
             (_logits(d, n), _targets(n), _scores(torch.float32, n) > 0, _scores(torch.float32, n).abs()),
         ),
     ),
+    # The fused LM head: hidden states (feature dim 4) and a head weight instead of logits.
+    "fused_linear_token_stats": Entry(
+        lambda d, n: (
+            lambda h, w, t: cggr_fn.fused_linear_token_stats(h, w, t, chunk_size=4),
+            (_hidden(d, n), _head_weight(d), _targets(n)),
+        ),
+        skip={"vjp": NOT_DIFFERENTIABLE},
+    ),
+    "fused_selective_loss": Entry(
+        lambda d, n: (
+            lambda h, w, t, m: cggr_fn.fused_selective_loss(h, w, t, m, normalize="valid", chunk_size=4),
+            (_hidden(d, n), _head_weight(d), _targets(n), _scores(torch.float32, n) > 0),
+        ),
+    ),
+    # Fixed-capacity positions (from a top-k) and per-token weights.
+    "fused_selective_loss/positions_weighted": Entry(
+        lambda d, n: (
+            lambda h, w, t, s, wt: cggr_fn.fused_selective_loss(h, w, t, s.flatten().topk(5).indices, weights=wt, chunk_size=3),
+            (_hidden(d, n), _head_weight(d), _targets(n), _scores(torch.float32, n), _scores(torch.float32, n).abs()),
+        ),
+    ),
+    "fused_head_loss": Entry(
+        lambda d, n: (
+            lambda h, w, t: cggr_fn.fused_head_loss(h, w, t, ratio=0.5, method="grad_norm", chunk_size=4),
+            (_hidden(d, n), _head_weight(d), _targets(n)),
+        ),
+    ),
+    # Ratio 1 takes the one-pass path; priority sampling gives the loss weights.
+    "fused_head_loss/one_pass_priority": Entry(
+        lambda d, n: (
+            lambda h, w, t: cggr_fn.fused_head_loss(h, w, t, ratio=1.0, method="loss", strategy="priority",
+                                                    normalize="valid", chunk_size=4),
+            (_hidden(d, n), _head_weight(d), _targets(n)),
+        ),
+    ),
     # cggr_fn.models: the functions of tensors.
     "models.lm_targets": Entry(
         lambda d, n: (lambda labels, am: models.lm_targets(labels, attention_mask=am), (_targets(n), _targets(n) != 0)),
@@ -231,6 +274,7 @@ TABLE: dict[str, Entry] = {
 EXEMPT = {
     "Sample": "a NamedTuple type (priority_sample returns it)",
     "TokenStats": "a NamedTuple type (token_stats returns it)",
+    "HeadLoss": "a NamedTuple type (fused_head_loss returns it)",
     "checking": "a context manager for eager debugging; it raises under compile by design (tests/test_bad_input.py)",
     "models.DepthRoutedForward": "a type (depth_routed_forward returns it)",
     "models.ModelParts": "a type (detect_parts returns it)",
