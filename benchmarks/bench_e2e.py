@@ -201,7 +201,7 @@ def check_capture(model, ids) -> dict:
     return result
 
 
-def run(name: str, iters: int, cudagraphs: bool, modes: list[str] | None) -> dict:
+def run(name: str, iters: int, cudagraphs: bool, modes: list[str] | None, partial: str | None = None) -> dict:
     torch._dynamo.config.cache_size_limit = 64
     model, ids = build(name)
     cfg = model.config
@@ -241,6 +241,9 @@ def run(name: str, iters: int, cudagraphs: bool, modes: list[str] | None) -> dic
             row["profile_top_kernels"] = profile(step_fn, params, ids, step)
         result["rows"].append(row)
         print(mode, row["median_step_ms"], "ms", row["peak_mem_gb"], "GB", flush=True)
+        if partial:  # what a time limit cuts short is still on disk
+            with open(partial, "w") as handle:
+                json.dump({"environment": environment(), "run": result}, handle, indent=1)
         del compiled
         torch.cuda.empty_cache()
     if name == "135m" and not modes:
@@ -285,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.model:
         parser.error("--model is required unless --merge is given")
-    result = {"environment": environment(), "run": run(args.model, args.iters, args.cudagraphs, args.modes)}
+    result = {"environment": environment(), "run": run(args.model, args.iters, args.cudagraphs, args.modes, args.out + ".partial")}
     with open(args.out, "w") as handle:
         json.dump(result, handle, indent=1)
     print(json.dumps({r["mode"]: r.get("speedup_vs_dense") for r in result["run"]["rows"]}), flush=True)
