@@ -58,7 +58,7 @@ def partition(mask: torch.Tensor, capacity: int) -> Partition:
     falses = torch.cumsum(~flat, 0)
     count = trues[-1:] if n else trues.new_zeros(1)
     place = torch.where(flat, trues - 1, count + falses - 1)
-    order = torch.empty_like(place).scatter_(0, place, torch.arange(n, device=mask.device))
+    order = torch.zeros_like(place).scatter(0, place, torch.arange(n, device=mask.device))
     routed = order[:capacity]
     return Partition(routed, flat.index_select(0, routed), order[capacity:], place)
 
@@ -112,17 +112,18 @@ def call_compacted(fn: Callable[..., Any], part: Partition, shape: tuple[int, ..
         rest_out = fn(*rest_args, **rest_kwargs)
 
     def join(routed: Any, rest: Any) -> Any:
-        if not isinstance(routed, torch.Tensor) or not (routed.is_floating_point() or routed.is_complex()):
+        if not isinstance(routed, torch.Tensor):
             return routed
         if routed.dim() == 0 or routed.shape[0] != part.routed.numel():
             raise ValueError(
                 "fn: compacted execution needs a token-wise fn (one output row per input row); "
                 f"got an output of shape {tuple(routed.shape)} for {part.routed.numel()} routed rows"
             )
-        keep = part.keep.reshape(-1, *([1] * (routed.dim() - 1)))
-        # Padding rows (false rows that fill the capacity) are gated as route_grad gates them.
-        gated = torch.where(keep, routed, routed.detach())
-        joined = torch.cat([gated, rest.to(routed.dtype)], 0).index_select(0, part.place)
+        if routed.is_floating_point() or routed.is_complex():
+            keep = part.keep.reshape(-1, *([1] * (routed.dim() - 1)))
+            # Padding rows (false rows that fill the capacity) are gated as route_grad gates them.
+            routed = torch.where(keep, routed, routed.detach())
+        joined = torch.cat([routed, rest.to(routed.dtype)], 0).index_select(0, part.place)
         return joined.reshape(*shape, *routed.shape[1:])
 
     return optree.tree_map(join, routed_out, rest_out, none_is_leaf=True)

@@ -103,6 +103,19 @@ def _make_route_grad(dtype: torch.dtype, size: int) -> tuple[Callable[..., Any],
     return (lambda x, mask: cggr_fn.route_grad(lambda t: (t.sin(), t.sum(-1)), mask, leak=0.25)(x)), (x, mask)
 
 
+def _make_route_grad_compacted(dtype: torch.dtype, size: int) -> tuple[Callable[..., Any], tuple[Any, ...]]:
+    x = torch.randn(*SIZES[size], 4, generator=_generator(size)).to(dtype)
+    weight = torch.randn(4, 3, generator=_generator(size + 2)).to(dtype)
+
+    def fn(x: torch.Tensor, scores: torch.Tensor) -> Any:
+        mask = cggr_fn.select(scores, ratio=0.5)
+        routed = cggr_fn.route_grad(lambda t: (t.sin() @ weight, t.sum(-1)), mask,
+                                    capacity=cggr_fn.capacity(mask.numel(), ratio=0.5))
+        return routed(x)
+
+    return fn, (x, _scores(dtype, size))
+
+
 def _make_route_depth(dtype: torch.dtype, size: int) -> tuple[Callable[..., Any], tuple[Any, ...]]:
     layers = _layers(dtype)
     hidden = torch.randn(*SIZES[size], 4, generator=_generator(size)).to(dtype)
@@ -181,6 +194,8 @@ TABLE: dict[str, Entry] = {
         skip={"vjp": NOT_DIFFERENTIABLE},
     ),
     "route_grad": Entry(_make_route_grad, upcast16=False),
+    # Compacted: half the rows under autograd, the rest without.
+    "route_grad/compacted": Entry(_make_route_grad_compacted, upcast16=False),
     "depth_masks": Entry(
         lambda d, n: (lambda depth: cggr_fn.depth_masks(depth, num_layers=3), (_depth(n),)),
         dtypes=(),
@@ -275,8 +290,12 @@ EXEMPT = {
     "Sample": "a NamedTuple type (priority_sample returns it)",
     "TokenStats": "a NamedTuple type (token_stats returns it)",
     "HeadLoss": "a NamedTuple type (fused_head_loss returns it)",
+    "bucket_capacity": "Python ints in, Python ints out (static sizes; tests/test_compaction.py)",
     "checking": "a context manager for eager debugging; it raises under compile by design (tests/test_bad_input.py)",
     "models.DepthRoutedForward": "a type (depth_routed_forward returns it)",
+    "models.CGGRLoss": "a type (cggr_loss returns it)",
+    "models.Routing": "a NamedTuple type (a CGGRLoss call returns it)",
+    "models.cggr_loss": "needs a transformers model (tests/test_models_step.py)",
     "models.ModelParts": "a type (detect_parts returns it)",
     "models.ScoredMask": "a type (routing_mask returns it)",
     "models.TruncatedRouter": "a type (truncated_router returns it)",
