@@ -233,7 +233,7 @@ def main():
                                  "median_ms": round(ms, 3), "peak_extra_gb": round(peak_extra_gb(fn, leaves), 3)}
                         report["sweep"].append(entry)
                         print("sweep", json.dumps(entry), flush=True)
-                report["default_chunk_size"] = _head.chunk_rows(vocab, DTYPE)
+                report["default_chunk_size"] = _head.chunk_rows(TOKENS, hidden_size, vocab)
                 save()
             del hidden, weight, targets, leaves
             torch.cuda.empty_cache()

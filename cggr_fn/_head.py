@@ -38,15 +38,9 @@ from cggr_fn._scoring import ScoreMethod, resolve_method, scores_from_stats
 from cggr_fn._selection import STRATEGIES, priority_sample, select
 from cggr_fn._stats import KERNEL_DTYPES, TokenStats, compute_dtype, token_stats_reference
 
-#: The default bound on one chunk of logits, in bytes: :func:`chunk_rows`
-#: picks the largest power-of-two number of rows whose logits fit in it. Why
-#: this large: the weight gradient is accumulated over chunks by GEMMs that
-#: read and write the whole (vocab, hidden_size) gradient once per chunk, so
-#: that traffic costs about (2/3) * (bf16 FLOP rate / memory bandwidth) / rows
-#: of the GEMM time, 100 / rows to 150 / rows on an H200 or H100: 2048 rows at
-#: vocab 128256 (512 MiB of bf16 logits) keep it at 5-8% (Liger-Kernel picks
-#: 512 rows there, 20-30%).
-CHUNK_BYTES = 512 * 2**20
+#: The smallest default chunk, in rows (a GEMM of fewer rows runs well
+#: below the matmul rate; 256 rows of vocab 128256 bf16 logits are 64 MiB).
+MIN_CHUNK_ROWS = 256
 
 NORMALIZATIONS = ("selected", "valid")
 #: Selection strategies of :func:`fused_head_loss`: those of :func:`cggr_fn.select`, and ``"priority"``.
@@ -57,17 +51,27 @@ _Nine = tuple[
 ]
 
 
-def chunk_rows(vocab: int, dtype: torch.dtype) -> int:
-    """Rows per chunk by default: the largest power of two whose ``rows x vocab`` logits fit in :data:`CHUNK_BYTES` (at least 1).
+def chunk_rows(rows: int, hidden_size: int, vocab: int) -> int:
+    """Rows per chunk by default: a chunk of logits about as large as the hidden states.
+
+    The smallest power of two at least ``rows / ceil(vocab / hidden_size)``
+    (and at least :data:`MIN_CHUNK_ROWS`, or ``rows`` if fewer): a
+    ``chunk x vocab`` logits chunk holds at most about twice the elements of
+    the ``(rows, hidden_size)`` hidden states, so the head's peak memory is
+    that of its own gradients (the rule Liger-Kernel uses). Larger chunks
+    are faster -- the weight gradient is accumulated over chunks by GEMMs
+    that read and write the whole ``(vocab, hidden_size)`` gradient once per
+    chunk -- at the price of memory: ``chunk_size`` trades one for the other
+    (``benchmarks/results/fused_head.json`` has the measured sweep).
 
     Example:
-      >>> import torch
       >>> from cggr_fn._head import chunk_rows
-      >>> chunk_rows(128256, torch.bfloat16), chunk_rows(128256, torch.float32), chunk_rows(49152, torch.bfloat16)
-      (2048, 1024, 4096)
+      >>> chunk_rows(16384, 2048, 128256), chunk_rows(16384, 4096, 49152), chunk_rows(100, 2048, 128256)
+      (512, 2048, 128)
     """
-    rows = max(1, CHUNK_BYTES // (vocab * torch.empty((), dtype=dtype).element_size()))
-    return 1 << (rows.bit_length() - 1)
+    per_chunk = -(-rows // -(-vocab // max(hidden_size, 1)))
+    target = max(per_chunk, min(rows, MIN_CHUNK_ROWS), 1)
+    return 1 << (target - 1).bit_length()
 
 
 def _use_kernel(hidden: torch.Tensor) -> bool:
@@ -103,8 +107,8 @@ def fused_linear_token_stats(
     statistics are taken by the same code as :func:`cggr_fn.token_stats` (the
     fused kernel for float32/bfloat16/float16 CUDA tensors, the PyTorch
     reference otherwise), and each chunk is freed before the next: at most
-    ``chunk_size x vocab`` logits exist at a time (with the default, at most
-    :data:`CHUNK_BYTES` = 512 MiB, or one row if a row is larger). The
+    ``chunk_size x vocab`` logits exist at a time (with the default,
+    :func:`chunk_rows`, about twice the size of ``hidden`` at most). The
     statistics are those of :func:`cggr_fn.token_stats` on the same chunk's
     logits, bit for bit; against the logits of one full-size GEMM they agree
     as closely as two GEMMs of different shapes do. Constants (no gradient),
@@ -116,7 +120,7 @@ def fused_linear_token_stats(
       targets: optional integer tensor of shape ``hidden.shape[:-1]``.
       bias: optional ``(vocab,)`` bias, same dtype and device.
       ignore_index: target value that marks a position without a label.
-      chunk_size: tokens per chunk; default :func:`chunk_rows` of the vocabulary and dtype.
+      chunk_size: tokens per chunk; default :func:`chunk_rows` (logits about the size of ``hidden``).
 
     Returns:
       A :class:`cggr_fn.TokenStats` of tensors of shape ``hidden.shape[:-1]``,
@@ -342,15 +346,28 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
+        in_place = not _out_of_place()
+        if in_place and getattr(ctx, "scaled", False):
+            raise RuntimeError(
+                "fused head loss: its eager backward scales the gradients it computed in the forward in place, "
+                "so it runs once per forward (retain_graph=True cannot reuse them); compute the loss again for "
+                "another backward"
+            )
+        ctx.scaled = in_place
         d_rows, d_weight, d_bias, nll, active = ctx.saved_tensors
-        # A 0-d upstream gradient scales without promoting the 16-bit gradients.
-        # Every gradient is returned, needed or not: ctx.needs_input_grad reads
-        # False for the weight under torch.compile of torch.func.grad (torch
-        # 2.13), which would silently zero the weight's gradient.
+        # Scaled in place in eager autograd: a copy of the weight gradient
+        # would double the backward's peak memory. torch.func transforms
+        # refuse in-place ops on captured tensors, and under torch.compile
+        # the compiler plans the buffers: there the product is out of place.
+        # A 0-d upstream gradient keeps the 16-bit dtypes. Every gradient is
+        # returned, needed or not: ctx.needs_input_grad reads False for the
+        # weight under torch.compile of torch.func.grad (torch 2.13), which
+        # would silently zero it.
+        scale = torch.Tensor.mul_ if in_place else _scale_out_of_place
         return (
-            d_rows * grad_loss,
-            d_weight * grad_loss if ctx.weight_grad else None,
-            d_bias * grad_loss if ctx.has_bias else None,
+            scale(d_rows, grad_loss),
+            scale(d_weight, grad_loss) if ctx.weight_grad else None,
+            scale(d_bias, grad_loss) if ctx.has_bias else None,
             grad_loss * torch.where(active, nll, 0.0),
             None,
             None,
@@ -359,6 +376,14 @@ class _LinearCrossEntropy(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _out_of_place() -> bool:
+    return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+
+
+def _scale_out_of_place(gradient: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return gradient * scale
 
 
 # ------------------------------------------------------------------- losses
@@ -391,7 +416,10 @@ def fused_selective_loss(
     ``bias`` and ``weights``; a frozen head (a ``weight`` that does not
     require grad) skips the weight-gradient GEMMs, a third of the work
     (in eager mode and under ``torch.func``; under ``torch.compile`` they
-    always run).
+    always run). The eager backward scales the forward's gradients in place
+    (no second copy of the weight gradient), so it runs once per forward:
+    a second backward through the same graph (``retain_graph=True``)
+    raises.
 
     ``selection`` is either
 
@@ -430,7 +458,7 @@ def fused_selective_loss(
       capacity: slots for a mask selection (static), in ``[0, n]``; default ``n``.
       ignore_index: target value of positions without a label.
       normalize: ``"selected"`` or ``"valid"``, as in :func:`cggr_fn.selective_loss`.
-      chunk_size: rows per chunk; default :func:`chunk_rows` (logits chunk <= 512 MiB).
+      chunk_size: rows per chunk; default :func:`chunk_rows` (logits about the size of ``hidden``).
 
     Returns:
       A 0-d tensor, float32 or float64 for float64 inputs.
@@ -540,7 +568,7 @@ def fused_head_loss(
       ignore_index: target value of positions without a label.
       normalize: ``"selected"`` or ``"valid"`` (use ``"valid"`` with
         ``"priority"`` for an unbiased estimate of the dense mean).
-      chunk_size: rows per chunk; default :func:`chunk_rows` (logits chunk <= 512 MiB).
+      chunk_size: rows per chunk; default :func:`chunk_rows` (logits about the size of ``hidden``).
 
     Returns:
       A :class:`HeadLoss` ``(loss, stats, mask, weights)``.
@@ -756,6 +784,6 @@ def _check_per_token(tensor: object, hidden: torch.Tensor, name: str) -> None:
 
 def _check_chunk(chunk_size: object, weight: torch.Tensor, hidden: torch.Tensor) -> int:
     if chunk_size is None:
-        return chunk_rows(weight.shape[0], hidden.dtype)
+        return chunk_rows(hidden.numel() // max(hidden.shape[-1], 1), hidden.shape[-1], weight.shape[0])
     _checks.check_int(chunk_size, "chunk_size", minimum=1)
     return chunk_size

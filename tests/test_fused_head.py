@@ -89,7 +89,7 @@ def test_stats_are_token_stats_of_each_chunk_bit_for_bit(dtype, shape):
     hidden, weight, bias, targets, _, _ = make(dtype, batch, vocab, hidden_size)
     got = cggr_fn.fused_linear_token_stats(hidden, weight, targets, bias=bias, chunk_size=chunk)
     rows, flat_t = hidden.reshape(-1, hidden_size), targets.reshape(-1)
-    step = chunk or _head.chunk_rows(vocab, dtype)
+    step = chunk or _head.chunk_rows(rows.shape[0], hidden_size, vocab)
     parts = [token_stats_reference(F.linear(rows[i : i + step], weight, bias), flat_t[i : i + step], -100)
              for i in range(0, rows.shape[0], step)]
     for name, g, *pieces in zip(cggr_fn.TokenStats._fields, got, *parts):
@@ -123,12 +123,16 @@ def test_stats_kernel_path_agrees_with_reference(dtype):
 
 
 def test_chunk_rows_bounds_the_logits(monkeypatch):
-    for vocab in (2, 1000, 49152, 128256, 300_000_000):
-        for dtype in (torch.float32, torch.bfloat16, torch.float64):
-            rows = _head.chunk_rows(vocab, dtype)
-            per_row = vocab * dtype.itemsize
-            assert rows & (rows - 1) == 0
-            assert rows == 1 or rows * per_row <= _head.CHUNK_BYTES < 2 * rows * per_row
+    for rows in (1, 7, 300, 16384, 100_000):
+        for hidden_size in (1, 64, 2048, 8192):
+            for vocab in (2, 1000, 49152, 128256):
+                chunk = _head.chunk_rows(rows, hidden_size, vocab)
+                assert chunk & (chunk - 1) == 0
+                # The smallest power of two that holds rows / ceil(vocab / hidden) rows, or the floor.
+                target = max(-(-rows // -(-vocab // hidden_size)), min(rows, _head.MIN_CHUNK_ROWS))
+                assert target <= chunk < 2 * target
+    # Logits chunks no larger than Liger-Kernel's at the benchmark's shapes.
+    assert [_head.chunk_rows(16384, h, v) for h in (2048, 4096) for v in (49152, 128256)] == [1024, 512, 2048, 512]
     # No more than chunk_size x vocab logits are ever made.
     shapes = []
     real = F.linear
@@ -441,3 +445,19 @@ def test_head_loss_compiles_without_host_sync():
             lambda h, w, b: cggr_fn.fused_head_loss(h, w, targets, bias=b, ratio=ratio, strategy=strategy, chunk_size=4),
             hidden, weight, bias,
         )
+
+
+def test_a_second_backward_through_the_same_graph_raises():
+    """The backward scales its precomputed gradients in place (no second copy of the weight gradient)."""
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(6, 4, generator=g, requires_grad=True)
+    weight = torch.randn(9, 4, generator=g, requires_grad=True)
+    targets = torch.randint(0, 9, (6,), generator=g)
+    loss = cggr_fn.fused_selective_loss(hidden, weight, targets, torch.ones(6, dtype=torch.bool))
+    (3.0 * loss).backward(retain_graph=True)
+    expected = torch.autograd.grad(3.0 * torch.nn.functional.cross_entropy(hidden @ weight.t(), targets), (hidden, weight))
+    torch.testing.assert_close(hidden.grad, expected[0])
+    torch.testing.assert_close(weight.grad, expected[1])
+    with pytest.raises(RuntimeError, match="runs once per forward"):
+        loss.backward()
+

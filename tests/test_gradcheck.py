@@ -51,6 +51,32 @@ def _head(*, tokens=(2, 4), vocab=7, hidden_size=3):
     return hidden, weight, bias, targets
 
 
+def _forward_per_backward(fn):
+    """``fn`` recomputed for every backward: the fused head's eager backward runs once per forward.
+
+    gradcheck differentiates one output several times (its reentrancy check);
+    each backward here runs a fresh forward and the fused head's own eager
+    backward on it, so that path is what gets checked.
+    """
+
+    class Recompute(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):
+            ctx.save_for_backward(*inputs)
+            return fn(*inputs).detach()
+
+        @staticmethod
+        def backward(ctx, grad):
+            inputs = [x.detach().requires_grad_(x.requires_grad) for x in ctx.saved_tensors]
+            with torch.enable_grad():
+                out = fn(*inputs)
+            wanted = [x for x in inputs if x.requires_grad]
+            grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+            return tuple(next(grads) if x.requires_grad else None for x in inputs)
+
+    return Recompute.apply
+
+
 @pytest.mark.parametrize("normalize", ["selected", "valid"])
 def test_gradcheck_fused_selective_loss(normalize):
     """Gradients computed in the forward, chunk by chunk (chunks of 3 rows of 5 selected)."""
@@ -58,14 +84,16 @@ def test_gradcheck_fused_selective_loss(normalize):
     mask = torch.tensor([[True, True, False, True], [False, True, True, True]])
     weights = torch.rand(2, 4, dtype=DOUBLE, generator=torch.Generator().manual_seed(4), requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda h, w, b, wt: cggr_fn.fused_selective_loss(
+        _forward_per_backward(lambda h, w, b, wt: cggr_fn.fused_selective_loss(
             h, w, targets, mask, weights=wt, bias=b, capacity=6, normalize=normalize, chunk_size=3
-        ),
+        )),
         (hidden, weight, bias, weights),
     )
     positions = torch.tensor([6, 0, 3, 6])
     assert torch.autograd.gradcheck(
-        lambda h, w: cggr_fn.fused_selective_loss(h, w, targets, positions, normalize=normalize, chunk_size=2), (hidden, weight)
+        _forward_per_backward(
+            lambda h, w: cggr_fn.fused_selective_loss(h, w, targets, positions, normalize=normalize, chunk_size=2)),
+        (hidden, weight),
     )
 
 
@@ -74,7 +102,8 @@ def test_gradcheck_fused_head_loss(ratio):
     """Selection is piecewise constant in the inputs; the loss is differentiable where it does not change."""
     hidden, weight, bias, targets = _head()
     assert torch.autograd.gradcheck(
-        lambda h, w, b: cggr_fn.fused_head_loss(h, w, targets, bias=b, ratio=ratio, method="grad_norm", chunk_size=3).loss,
+        _forward_per_backward(lambda h, w, b: cggr_fn.fused_head_loss(
+            h, w, targets, bias=b, ratio=ratio, method="grad_norm", chunk_size=3).loss),
         (hidden, weight, bias),
     )
 
