@@ -14,6 +14,6 @@ if [ -n "$wheel" ]; then
   python3 -m zipfile -e "$wheel" "$OUT/liger" && export PYTHONPATH="$OUT/liger${PYTHONPATH:+:$PYTHONPATH}"
 fi
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv > "$OUT/nvidia_smi.txt" 2>&1
-timeout 240 python3 benchmarks/check_fused_head_gpu.py --out "$OUT/check_fused_head.json" 2>&1 | tee "$OUT/check_fused_head.log"
+timeout "${CHECK_TIMEOUT:-240}" python3 benchmarks/check_fused_head_gpu.py --out "$OUT/check_fused_head.json" 2>&1 | tee "$OUT/check_fused_head.log"
 timeout "${BENCH_TIMEOUT:-300}" python3 benchmarks/bench_fused_head.py --out "$OUT/fused_head.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench_fused_head.log"
 rm -rf "$OUT/liger"
