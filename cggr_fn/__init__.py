@@ -13,6 +13,7 @@ from cggr_fn._curriculum import dynamic_ratio, ratio_schedule
 from cggr_fn._head import HeadLoss, fused_head_loss, fused_linear_token_stats, fused_selective_loss
 from cggr_fn._loss import selective_loss
 from cggr_fn._ranking import capacity
+from cggr_fn._reference import Ema, EmaState, ema, excess, trim
 from cggr_fn._routing import depth_masks, route_depth, route_grad
 from cggr_fn._scoring import score
 from cggr_fn._selection import Sample, priority_sample, select
@@ -27,6 +28,8 @@ except _metadata.PackageNotFoundError:
     __version__ = "0+unknown"
 
 __all__ = [
+    "Ema",
+    "EmaState",
     "HeadLoss",
     "Sample",
     "TokenStats",
@@ -38,6 +41,8 @@ __all__ = [
     "checking",
     "depth_masks",
     "dynamic_ratio",
+    "ema",
+    "excess",
     "fused_head_loss",
     "fused_linear_token_stats",
     "fused_selective_loss",
@@ -49,4 +54,5 @@ __all__ = [
     "select",
     "selective_loss",
     "token_stats",
+    "trim",
 ]

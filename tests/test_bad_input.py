@@ -121,6 +121,17 @@ CASES = [
     (lambda: cggr_fn.fused_head_loss(HIDDEN, HEAD, TARGETS, ratio=0.5, strategy="random"), ValueError, r"strategy: expected one of \('topk', 'stratified', 'sequence_aware', 'priority'\)"),
     (lambda: cggr_fn.fused_head_loss(HIDDEN, HEAD, TARGETS, ratio=0.5, method="perplexity"), ValueError, r"method: expected one of"),
     (lambda: cggr_fn.fused_head_loss(HIDDEN, HEAD, TARGETS, ratio=0.5, uniform_mix=2.0, strategy="priority"), ValueError, r"uniform_mix: expected a value in \[0, 1\]"),
+    # references
+    (lambda: cggr_fn.excess(SCORES, SCORES[0]), ValueError, r"reference: expected the shape of scores \(2, 3\), got \(3,\)"),
+    (lambda: cggr_fn.excess(SCORES, TARGETS), TypeError, r"reference: expected a floating-point tensor, got dtype torch.int64"),
+    (lambda: cggr_fn.excess(SCORES.tolist(), SCORES), TypeError, r"scores: expected a torch.Tensor, got list"),
+    (lambda: cggr_fn.excess(SCORES, SCORES.to("meta")), ValueError, r"reference: expected the device of scores \(cpu\), got meta"),
+    (lambda: cggr_fn.trim(SCORES, 1.5), ValueError, r"fraction: expected a value in \[0, 1\], got 1.5"),
+    (lambda: cggr_fn.trim(TARGETS, 0.1), TypeError, r"scores: expected a floating-point tensor"),
+    (lambda: cggr_fn.ema(0.0), ValueError, r"step_size: expected a value in \(0, 1\], got 0.0"),
+    (lambda: cggr_fn.ema(0.1).update({"w": SCORES}, {"w": SCORES}), TypeError, r"state: expected an EmaState \(from init\), got dict"),
+    (lambda: cggr_fn.ema(0.1).update(cggr_fn.EmaState({"w": SCORES}), {"v": SCORES}), ValueError, r"params: expected the structure of the average"),
+    (lambda: cggr_fn.ema(0.1).update(cggr_fn.EmaState({"w": SCORES}), {"w": SCORES[0]}), ValueError, r"params: expected a tensor of shape \(2, 3\), got \(3,\)"),
 ]
 
 
@@ -140,6 +151,8 @@ def test_checking_mode_catches_value_errors_that_need_a_sync():
             cggr_fn.depth_masks(torch.tensor([-1, 1]), num_layers=2)
         with pytest.raises(ValueError, match=r"targets: expected values in \[0, 5\) or ignore_index=-100"):
             cggr_fn.selective_loss(LOGITS, TARGETS + 3, MASK)
+        with pytest.raises(ValueError, match=r"reference: contains NaN"):
+            cggr_fn.excess(SCORES, torch.full_like(SCORES, float("nan")))
     cggr_fn.bucket(SCORES, torch.tensor(-2))  # off by default: no sync, clamps to step 0
 
 

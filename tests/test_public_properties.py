@@ -253,6 +253,25 @@ TABLE: dict[str, Entry] = {
             (_hidden(d, n), _head_weight(d), _targets(n)),
         ),
     ),
+    "excess": Entry(
+        lambda d, n: (cggr_fn.excess, (_scores(d, n), _scores(d, n).flip(-1))),
+        skip={"vjp": NOT_DIFFERENTIABLE},
+    ),
+    "trim": Entry(
+        lambda d, n: (lambda s: cggr_fn.trim(s, 0.25), (_scores(d, n),)),
+        upcast16=False,
+        skip={"vjp": NOT_DIFFERENTIABLE},
+    ),
+    # Both halves of the transform: init, then one update.
+    "ema": Entry(
+        lambda d, n: (
+            lambda w, b, new_w, new_b: cggr_fn.ema(0.25).update(
+                cggr_fn.ema(0.25).init({"w": w, "b": b}), {"w": new_w, "b": new_b}).average,
+            (_logits(d, n), _scores(d, n).clamp_min(-5), _logits(d, n).flip(-1), _scores(d, n).flip(-1).clamp_min(-5)),
+        ),
+        upcast16=False,
+        skip={"vjp": NOT_DIFFERENTIABLE},
+    ),
     # cggr_fn.models: the functions of tensors.
     "models.lm_targets": Entry(
         lambda d, n: (lambda labels, am: models.lm_targets(labels, attention_mask=am), (_targets(n), _targets(n) != 0)),
@@ -289,6 +308,8 @@ TABLE: dict[str, Entry] = {
 EXEMPT = {
     "Sample": "a NamedTuple type (priority_sample returns it)",
     "TokenStats": "a NamedTuple type (token_stats returns it)",
+    "Ema": "a NamedTuple type (ema returns it)",
+    "EmaState": "a NamedTuple type (Ema.init returns it)",
     "HeadLoss": "a NamedTuple type (fused_head_loss returns it)",
     "bucket_capacity": "Python ints in, Python ints out (static sizes; tests/test_compaction.py)",
     "checking": "a context manager for eager debugging; it raises under compile by design (tests/test_bad_input.py)",
