@@ -42,26 +42,29 @@ def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def reference_loss(model: nn.Module, selection: str, params: dict[str, torch.Tensor], ids: torch.Tensor,
-                   attention_mask: torch.Tensor, labels: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
-    logits = depth_routed_forward(model)(params, depth, input_ids=ids, attention_mask=attention_mask).logits
+                   attention_mask: torch.Tensor, labels: torch.Tensor, routing: Routing) -> torch.Tensor:
+    logits = depth_routed_forward(model)(params, routing.depth, input_ids=ids, attention_mask=attention_mask).logits
     if selection == "buckets":
         return lm_loss(logits, labels, attention_mask=attention_mask)
     targets = lm_targets(labels, attention_mask=attention_mask)
-    return cggr_fn.selective_loss(logits, targets, depth > 0)
+    if selection == "priority":
+        return cggr_fn.selective_loss(logits, targets, routing.depth > 0, weights=routing.weights, normalize="valid")
+    return cggr_fn.selective_loss(logits, targets, routing.depth > 0)
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-@pytest.mark.parametrize("selection", ["topk", "random", "buckets"])
+@pytest.mark.parametrize("selection", ["topk", "priority", "random", "buckets"])
 def test_loss_and_grads_equal_the_masked_reference_in_float64(name: str, selection: str) -> None:
     model = build(name)
     params = {k: v.detach() for k, v in model.named_parameters()}
     ids, attention_mask, labels = batch()
-    loss_fn = cggr_loss(model, selection=selection, ratio=0.25, router_layers=1, warmup_steps=4)
+    method = "grad_norm" if selection == "priority" else "combined"
+    loss_fn = cggr_loss(model, selection=selection, ratio=0.25, router_layers=1, warmup_steps=4, method=method)
     grads, (loss, routing) = torch.func.grad_and_value(loss_fn, has_aux=True)(
         params, ids, 7, labels=labels, attention_mask=attention_mask)
     assert isinstance(routing, Routing)
     expected_grads, expected_loss = torch.func.grad_and_value(
-        lambda p: reference_loss(model, selection, p, ids, attention_mask, labels, routing.depth))(params)
+        lambda p: reference_loss(model, selection, p, ids, attention_mask, labels, routing))(params)
     torch.testing.assert_close(loss, expected_loss, rtol=1e-12, atol=1e-12)
     assert grads.keys() == expected_grads.keys()
     for key in grads:
@@ -72,8 +75,38 @@ def test_loss_and_grads_equal_the_masked_reference_in_float64(name: str, selecti
         trained = routing.depth > 0
         assert int(trained.sum()) == cggr_fn.capacity(ids.numel(), ratio=0.25)
         assert set(routing.depth.unique().tolist()) <= {0, LAYERS}
+        assert torch.equal(routing.weights > 0, trained)
     else:
         assert {1, 2, LAYERS} <= set(routing.depth.unique().tolist())  # tiers of 25/50/100% depth
+
+
+def test_priority_weights_make_an_unbiased_estimate() -> None:
+    """Averaged over seeds (steps), the weighted sample's loss approaches the dense mean loss."""
+    model = build("llama")
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    ids, attention_mask, labels = batch()
+    loss_fn = cggr_loss(model, selection="priority", ratio=0.5, router_layers=LAYERS, method="loss")
+    dense = lm_loss(model(input_ids=ids, attention_mask=attention_mask).logits, labels, attention_mask=attention_mask)
+    with torch.no_grad():
+        losses = torch.stack([loss_fn(params, ids, step, labels=labels, attention_mask=attention_mask)[0]
+                              for step in range(300)])
+    stderr = losses.std() / 300**0.5
+    assert abs(losses.mean() - dense) < 4 * stderr + 1e-9, (losses.mean(), dense, stderr)
+
+
+def test_reference_and_trim_shape_the_scores() -> None:
+    model = build("llama")
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    ids, attention_mask, labels = batch()
+    plain = cggr_loss(model, router_layers=1, method="loss")
+    scores = plain(params, ids, 0, labels=labels, attention_mask=attention_mask)[1].scores
+    reference = torch.rand(BATCH, SEQ, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    _, routing = plain(params, ids, 0, labels=labels, attention_mask=attention_mask, reference=reference)
+    torch.testing.assert_close(routing.scores, cggr_fn.excess(scores, reference))
+    assert torch.equal(routing.depth > 0, cggr_fn.select(cggr_fn.excess(scores, reference), ratio=0.25))
+    trimmed = cggr_loss(model, router_layers=1, method="loss", trim=0.2)
+    _, routing = trimmed(params, ids, 0, labels=labels, attention_mask=attention_mask, reference=reference)
+    torch.testing.assert_close(routing.scores, cggr_fn.trim(cggr_fn.excess(scores, reference), 0.2))
 
 
 @pytest.mark.parametrize("selection", ["topk", "buckets"])
@@ -104,7 +137,7 @@ def test_random_selection_is_a_pure_function_of_the_step() -> None:
     assert torch.equal(tensor_step, depths[2])
 
 
-@pytest.mark.parametrize("selection", ["topk", "random", "buckets"])
+@pytest.mark.parametrize("selection", ["topk", "priority", "random", "buckets"])
 def test_the_training_step_compiles_fullgraph_once(selection: str) -> None:
     torch._dynamo.reset()
     model = build("llama", torch.float32)
@@ -162,6 +195,8 @@ def test_buckets_before_the_capacity_step_raise_under_checking() -> None:
         ({"num_buckets": 0}, ValueError, "num_buckets"),
         ({"warmup_steps": -1}, ValueError, "warmup_steps"),
         ({"capacity_step": -2}, ValueError, "capacity_step"),
+        ({"trim": 1.5}, ValueError, r"trim: expected a value in \[0, 1\]"),
+        ({"selection": "random", "trim": 0.1}, ValueError, "trim: random selection has no scores to trim"),
     ],
 )
 def test_bad_arguments_raise(kwargs: dict, error: type, match: str) -> None:
@@ -177,6 +212,10 @@ def test_bad_calls_raise() -> None:
         loss_fn(params, torch.arange(5), 0)
     with pytest.raises(KeyError, match="params: no entry for the head's weight"):
         loss_fn({k: v for k, v in params.items() if k != "lm_head.weight"}, batch()[0], 0)
+    with pytest.raises(ValueError, match="reference: expected the shape of scores"):
+        loss_fn(params, batch()[0], 0, reference=torch.zeros(3))
+    with pytest.raises(ValueError, match="reference: random selection has no scores"):
+        cggr_loss(model, selection="random")(params, batch()[0], 0, reference=torch.zeros(BATCH, SEQ))
 
 
 def test_models_with_transformed_logits_are_refused() -> None:

@@ -11,17 +11,19 @@ from cggr_fn import _checks
 from cggr_fn._bucketing import bucket_capacity, bucket_depth
 from cggr_fn._compaction import partition
 from cggr_fn._curriculum import Step
+from cggr_fn._head import fused_linear_token_stats
 from cggr_fn._loss import selective_loss
 from cggr_fn._ranking import capacity
-from cggr_fn._scoring import ScoreMethod
-from cggr_fn._selection import _position_hash, select
-from cggr_fn.models._common import check_model
+from cggr_fn._reference import excess, trim
+from cggr_fn._scoring import ScoreMethod, resolve_method, scores_from_stats
+from cggr_fn._selection import _position_hash, priority_sample, select
+from cggr_fn.models._common import check_model, select_tensors, tensor_names
 from cggr_fn.models._detect import ModelParts, resolve_parts
 from cggr_fn.models._routed_forward import DepthRoutedForward, depth_routed_forward
 from cggr_fn.models._router import TruncatedRouter, truncated_router
-from cggr_fn.models._wrappers import lm_loss, lm_targets, token_scores
+from cggr_fn.models._wrappers import lm_loss, lm_targets
 
-SELECTIONS = ("topk", "random", "buckets")
+SELECTIONS = ("topk", "priority", "random", "buckets")
 # Config fields of models whose logits are more than ``head(final hidden)``.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
 
@@ -32,14 +34,17 @@ class Routing(NamedTuple):
     Attributes:
       depth: int64 ``(batch, seq)`` gradient depth of every token (layers it trains).
       scores: float ``(batch, seq)`` scores the selection ranked (``-inf`` = no target).
+      weights: float ``(batch, seq)`` weight of every token in the loss's sum
+        (0 = not in the loss; importance weights for ``"priority"``).
     """
 
     depth: torch.Tensor
     scores: torch.Tensor
+    weights: torch.Tensor
 
 
 class CGGRLoss:
-    """A pure loss ``loss_fn(params, input_ids, step, *, labels=None, attention_mask=None) -> (loss, Routing)``.
+    """A pure loss ``loss_fn(params, input_ids, step, *, labels=None, attention_mask=None, reference=None) -> (loss, Routing)``.
 
     See :func:`cggr_loss`. Attributes mirror its arguments; ``forward`` is the
     :class:`DepthRoutedForward` and ``router`` the :class:`TruncatedRouter`
@@ -47,11 +52,15 @@ class CGGRLoss:
     """
 
     def __init__(self, model: nn.Module, *, selection: str, ratio: float, router_layers: int, method: ScoreMethod,
-                 num_buckets: int, warmup_steps: int, capacity_step: int | None, parts: ModelParts | None) -> None:
+                 num_buckets: int, warmup_steps: int, capacity_step: int | None, trim: float,
+                 parts: ModelParts | None) -> None:
         check_model(model)
         if selection not in SELECTIONS:
             raise ValueError(f"selection: expected one of {SELECTIONS}, got {selection!r}")
         _checks.check_fraction(ratio, "ratio", low_open=True)
+        _checks.check_fraction(trim, "trim")
+        if selection == "random" and trim:
+            raise ValueError(f"trim: random selection has no scores to trim, got trim={trim}")
         _checks.check_int(num_buckets, "num_buckets", minimum=1)
         _checks.check_int(warmup_steps, "warmup_steps", minimum=0)
         if capacity_step is not None:
@@ -63,6 +72,7 @@ class CGGRLoss:
                                  "cggr_loss computes the head itself and supports plain linear heads only")
         self.selection = selection
         self.ratio = float(ratio)
+        self.trim = float(trim)
         self.method = method
         self.num_buckets = num_buckets
         self.warmup_steps = warmup_steps
@@ -77,17 +87,24 @@ class CGGRLoss:
         )
         self._base, self._head = _base_and_head(model, resolve_parts(model, parts))
         self._head_names = _aliases(model, self._head)
+        self._router_names = (
+            frozenset() if self.router is None else tensor_names(self.router.module.get_submodule(self._base))
+        )
 
     def __call__(self, params: dict[str, torch.Tensor], input_ids: torch.Tensor, step: Step, *,
-                 labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
+                 labels: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 reference: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
         """The routed loss and what was routed; see :func:`cggr_loss`."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected a (batch, seq) tensor, got {getattr(input_ids, 'shape', type(input_ids).__name__)}")
+        if reference is not None and self.router is None:
+            raise ValueError("reference: random selection has no scores to compare with a reference; pass reference=None")
         labels = input_ids if labels is None else labels
         kwargs: dict[str, Any] = {"input_ids": input_ids}
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
-        scores = self._scores(params, input_ids, labels, attention_mask, step)
+        targets = lm_targets(labels, attention_mask=attention_mask)
+        scores = self._scores(params, input_ids, targets, attention_mask, step, reference)
         n = input_ids.numel()
         if self.selection == "buckets":
             depth = bucket_depth(scores, step, num_layers=self.num_layers, num_buckets=self.num_buckets,
@@ -95,31 +112,57 @@ class CGGRLoss:
             layer_capacity = bucket_capacity(n, self.capacity_step, num_layers=self.num_layers,
                                              num_buckets=self.num_buckets, warmup_steps=self.warmup_steps)
             logits = self.forward(params, depth, capacity=layer_capacity, **kwargs).logits
-            return lm_loss(logits, labels, attention_mask=attention_mask), Routing(depth, scores)
-        mask = select(scores, ratio=self.ratio)
+            weights = (targets != -100).to(scores.dtype)
+            return lm_loss(logits, labels, attention_mask=attention_mask), Routing(depth, scores, weights)
+        if self.selection == "priority":
+            # Importance must be >= 0; -inf (no target) stays unsampleable.
+            importance = torch.where(torch.isneginf(scores), scores, scores.clamp_min(0.0))
+            mask, weights = priority_sample(importance, ratio=self.ratio, seed=step)
+        else:
+            mask = select(scores, ratio=self.ratio)
+            weights = mask.to(scores.dtype)
         depth = torch.where(mask, self.num_layers, 0)
         k = capacity(n, ratio=self.ratio)
         base = self.forward.module.get_submodule(self._base)
-        prefix = self._base + "."
-        base_params = {name[len(prefix):]: value for name, value in params.items() if name.startswith(prefix)}
-        hidden = self.forward.call_module(base, base_params, depth, (), kwargs, capacity=k)[0]
+        hidden = self.forward.call_module(base, self._strip_base(params), depth, (), kwargs, capacity=k)[0]
         # Only the selected tokens reach the head: its forward and backward run on k rows.
         part = partition(mask, k)
         rows = hidden.reshape(n, hidden.shape[-1]).index_select(0, part.routed)
         logits = nn.functional.linear(rows, *self._head_tensors(params))
-        targets = lm_targets(labels, attention_mask=attention_mask).reshape(n).index_select(0, part.routed)
-        return selective_loss(logits, targets, part.keep), Routing(depth, scores)
+        routed_targets = targets.reshape(n).index_select(0, part.routed)
+        if self.selection != "priority":
+            return selective_loss(logits, routed_targets, part.keep), Routing(depth, scores, weights)
+        # The unbiased estimate of the dense mean: sum(w * nll) over the sample / all labelled tokens.
+        loss = selective_loss(logits, routed_targets, part.keep, weights=weights.reshape(n).index_select(0, part.routed),
+                              normalize="valid")
+        labelled = (targets != -100).sum().clamp_min(1).to(loss.dtype)
+        return loss * ((routed_targets != -100).sum().to(loss.dtype) / labelled), Routing(depth, scores, weights)
 
-    def _scores(self, params: dict[str, torch.Tensor], input_ids: torch.Tensor, labels: torch.Tensor,
-                attention_mask: torch.Tensor | None, step: Step) -> torch.Tensor:
+    def _scores(self, params: dict[str, torch.Tensor], input_ids: torch.Tensor, targets: torch.Tensor,
+                attention_mask: torch.Tensor | None, step: Step, reference: torch.Tensor | None) -> torch.Tensor:
         if self.router is None:
             # Uniform draws from a hash of (position, step): pure, the same on every device.
             draws = _position_hash(input_ids.numel(), step, input_ids.device).reshape(input_ids.shape).float()
-            labelled = lm_targets(labels, attention_mask=attention_mask) != -100
-            return torch.where(labelled, draws, float("-inf"))
-        kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-        logits = self.router(params, input_ids, **kwargs)
-        return token_scores(logits, labels, attention_mask=attention_mask, method=self.method)
+            return torch.where(targets != -100, draws, float("-inf"))
+        kwargs = {**self.router._defaults, "input_ids": input_ids}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask
+        base = self.router.module.get_submodule(self._base)
+        with torch.no_grad():
+            hidden = torch.func.functional_call(base, select_tensors(self._strip_base(params), self._router_names), (), kwargs)[0]
+            weight, bias = self._head_tensors(params)
+            # Statistics straight from the final hidden states: the router's
+            # logits are never materialised (one chunk at a time).
+            stats = fused_linear_token_stats(hidden, weight.detach(), targets,
+                                             bias=None if bias is None else bias.detach())
+        scores = scores_from_stats(stats, targets, resolve_method(self.method, targets), -100)
+        if reference is not None:
+            scores = excess(scores, reference)
+        return trim(scores, self.trim) if self.trim else scores
+
+    def _strip_base(self, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        prefix = self._base + "."
+        return {name[len(prefix):]: value for name, value in params.items() if name.startswith(prefix)}
 
     def _head_tensors(self, params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
         weight = next((params[name] for name in self._head_names["weight"] if name in params), None)
@@ -166,27 +209,42 @@ def cggr_loss(
     num_buckets: int = 4,
     warmup_steps: int = 0,
     capacity_step: int | None = None,
+    trim: float = 0.0,
     parts: ModelParts | None = None,
 ) -> CGGRLoss:
     """The CGGR language-model loss of a causal LM as one pure, compacted function.
 
-    ``loss_fn(params, input_ids, step, *, labels=None, attention_mask=None)``
-    returns ``(loss, routing)``; ``torch.func.grad_and_value(loss_fn,
-    has_aux=True)`` is the training step (or ``loss.backward()``). Each call:
+    ``loss_fn(params, input_ids, step, *, labels=None, attention_mask=None,
+    reference=None)`` returns ``(loss, routing)``;
+    ``torch.func.grad_and_value(loss_fn, has_aux=True)`` is the training step
+    (or ``loss.backward()``). Each call:
 
     1. scores every token (next-token aligned, padding and the last position
-       excluded): a :func:`truncated_router` of ``router_layers`` layers and
-       :func:`cggr_fn.score` by ``method``, or uniform draws from a hash of
-       (position, ``step``) for ``"random"`` (the compute-matched control);
-    2. selects: ``"topk"``/``"random"`` keep ``k = capacity(tokens, ratio=ratio)``
-       tokens (:func:`cggr_fn.select`) that train every layer, the rest train
-       none; ``"buckets"`` gives every token a depth
-       (:func:`cggr_fn.bucket_depth` at ``step``);
+       excluded): a :func:`truncated_router` of ``router_layers`` layers
+       (``router_layers`` = all layers scores with the model itself) and
+       :func:`cggr_fn.score` by ``method``, computed from the router's final
+       hidden states by :func:`cggr_fn.fused_linear_token_stats` (its logits
+       are never materialised); minus ``reference`` when given
+       (:func:`cggr_fn.excess`: per-token scores of a reference model on the
+       same batch, e.g. ``token_scores(reference_logits, labels,
+       method="loss")`` with ``method="loss"``: the excess loss of Rho-1);
+       the hardest ``trim`` share dropped (:func:`cggr_fn.trim`). For
+       ``"random"``: uniform draws from a hash of (position, ``step``), the
+       compute-matched control;
+    2. selects: ``"topk"``/``"random"`` keep ``k = capacity(tokens,
+       ratio=ratio)`` tokens (:func:`cggr_fn.select`) that train every
+       layer, the rest train none, and the loss is their mean;
+       ``"priority"`` samples ``k`` tokens with probability increasing in the
+       score (:func:`cggr_fn.priority_sample`, seeded by ``step``; scores
+       below 0 count as 0) and the loss is the unbiased importance-weighted
+       estimate of the dense mean (``sum(w * nll)`` over the sample divided
+       by the number of labelled tokens); ``"buckets"`` gives every token a
+       depth (:func:`cggr_fn.bucket_depth` at ``step``) and the loss is
+       :func:`lm_loss` over all tokens;
     3. runs the model through :func:`depth_routed_forward` compacted: in each
        layer, the token-wise parts run under autograd only for the tokens
-       that train it; for ``"topk"``/``"random"`` the head and the loss run on
-       the ``k`` selected tokens only (:func:`cggr_fn.selective_loss`, the mean
-       over them); for ``"buckets"`` the loss is :func:`lm_loss` over all tokens.
+       that train it; except for ``"buckets"`` the head and the loss run on
+       the ``k`` selected tokens only.
 
     Shapes are static and nothing synchronises with the host, so the loss
     compiles with ``torch.compile(fullgraph=True)`` and a step can be captured
@@ -207,12 +265,13 @@ def cggr_loss(
     Args:
       model: a causal LM whose logits are ``head(final hidden)`` with a linear
         head (Llama, Mistral, Qwen2, GPT-2, ...).
-      selection: ``"topk"``, ``"random"`` or ``"buckets"``.
+      selection: ``"topk"``, ``"priority"``, ``"random"`` or ``"buckets"``.
       ratio: share of tokens trained, in ``(0, 1]`` (``"topk"``, ``"random"``).
       router_layers: layers of the scoring router, >= 1.
       method: a :func:`cggr_fn.score` method.
       num_buckets, warmup_steps: the curriculum of ``"buckets"``.
       capacity_step: the first step the ``"buckets"`` capacities hold for.
+      trim: share of the hardest scored tokens never selected, in ``[0, 1]``.
       parts: where the model's pieces are; detected if ``None``.
 
     Returns:
@@ -232,4 +291,5 @@ def cggr_loss(
       4
     """
     return CGGRLoss(model, selection=selection, ratio=ratio, router_layers=router_layers, method=method,
-                    num_buckets=num_buckets, warmup_steps=warmup_steps, capacity_step=capacity_step, parts=parts)
+                    num_buckets=num_buckets, warmup_steps=warmup_steps, capacity_step=capacity_step, trim=trim,
+                    parts=parts)
