@@ -17,7 +17,8 @@ import functional_training  # noqa: E402
 import poetry_data  # noqa: E402
 import tiny_gpt  # noqa: E402
 
-TINY_DEMO = ["--steps", "8", "--batch-size", "4", "--seq-len", "32", "--dim", "32", "--layers", "2", "--heads", "2", "--val-windows", "8", "--quiet"]
+TINY_DEMO = ["--steps", "8", "--batch-size", "4", "--seq-len", "32", "--dim", "32", "--layers", "2", "--heads", "2",
+             "--val-windows", "8", "--quiet", "--device", "cpu"]
 
 
 def test_poetry_sample_is_small_plain_text() -> None:
@@ -87,11 +88,9 @@ def test_demo_cggr_step_equals_dense_at_step_0_then_departs() -> None:
     def lr(step: torch.Tensor) -> torch.Tensor:
         return torch.tensor(1e-2)
 
-    def scorer(logits: torch.Tensor, targets: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-        return demo.cggr_fn.score(logits, targets)
-
     dense_step = demo.make_dense_step(lr)
-    cggr_step = demo.make_cggr_step(lr, scorer, num_layers=2, num_buckets=4, curriculum_steps=4, final_ratio=0.5)
+    cggr_step = demo.make_bucketed_step(lr, demo.difficulty_scorer("combined"), num_layers=2, num_buckets=4,
+                                        curriculum_steps=4, final_ratio=0.5)
     _, dense_opt, dense_m = dense_step(params, opt, torch.tensor(0), tokens, targets)
     _, cggr_opt, cggr_m = cggr_step(params, opt, torch.tensor(0), tokens, targets)
     torch.testing.assert_close(cggr_m.loss, dense_m.loss)
@@ -109,24 +108,84 @@ def test_demo_cggr_step_equals_dense_at_step_0_then_departs() -> None:
     assert not torch.allclose(late_params["blocks.0.mlp.up"], dense_late["blocks.0.mlp.up"])
 
 
-def test_demo_main_tiny_run(capsys: pytest.CaptureFixture[str]) -> None:
-    results = demo.main(TINY_DEMO)
+def test_demo_excess_step_trains_the_tokens_with_the_largest_excess_loss() -> None:
+    config = tiny_gpt.GPTConfig(max_seq_len=16, dim=32, num_layers=2, num_heads=2)
+    params = tiny_gpt.init_params(config, torch.Generator().manual_seed(0))
+    reference = tiny_gpt.init_params(config, torch.Generator().manual_seed(1))
+    tokens, targets = poetry_data.get_batch(poetry_data.load_bytes(), torch.tensor([0, 777, 4242, 31337]), 16)
+    scorer = demo.excess_scorer(reference)
+    with torch.no_grad():
+        logits = tiny_gpt.forward(params, tokens)
+    scores = scorer(logits, tokens, targets, torch.tensor(0))
+    own = demo.cggr_fn.score(logits, targets, method="loss")
+    theirs = demo.cggr_fn.score(tiny_gpt.forward(reference, tokens), targets, method="loss")
+    torch.testing.assert_close(scores, own - theirs)
+    step = demo.make_selective_step(lambda s: torch.tensor(1e-2), scorer, num_layers=2, ratio=0.25)
+    _, opt, metrics = step(params, demo.adamw_init(params), torch.tensor(0), tokens, targets)
+    assert metrics.loss_tokens.item() == pytest.approx(0.25) and metrics.grad_paths.item() == pytest.approx(0.25)
+    # The gradient is that of the loss over the selected tokens alone, the others
+    # constant in every layer (as compacted execution runs them).
+    mask = demo.cggr_fn.select(own - theirs, ratio=0.25)
+    depth = torch.where(mask, 2, 0)
+    expected = torch.func.grad(lambda p: demo.cggr_fn.selective_loss(
+        tiny_gpt.forward(p, tokens, depth=depth), targets, mask))(params)
+    for name in params:
+        torch.testing.assert_close(opt.mu[name], 0.1 * expected[name], rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("rule", ["excess", "hardest"])
+def test_demo_main_tiny_run(rule: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plot = tmp_path / "curves.png"
+    runs = demo.main([*TINY_DEMO, "--rule", rule, "--seeds", "0,1", "--plot", str(plot)])
     out = capsys.readouterr().out
-    assert set(results) == {"dense", "cggr", "random"}
-    for mode, result in results.items():
-        assert math.isfinite(result.train_loss) and math.isfinite(result.val_loss), mode
-        assert result.losses[-1] < result.losses[0], f"{mode} did not reduce the loss"
-        assert result.tokens_per_second > 0
-    assert results["dense"].grad_paths == 1.0
-    assert results["cggr"].grad_paths < 1.0 and results["cggr"].loss_tokens < 1.0
+    assert set(runs) == {"dense", "cggr", "random"}
+    for mode, results in runs.items():
+        assert [r.seed for r in results] == [0, 1]
+        for result in results:
+            assert math.isfinite(result.train_loss) and math.isfinite(result.val_loss), mode
+            assert result.losses[-1] < result.losses[0], f"{mode} did not reduce the loss"
+            assert result.tokens_per_second > 0
+    cggr, random, dense = runs["cggr"][0], runs["random"][0], runs["dense"][0]
+    assert dense.grad_paths == 1.0
+    assert cggr.grad_paths < 1.0 and cggr.loss_tokens < 1.0
     # The control spends exactly the same gradient budget as CGGR.
-    assert results["random"].grad_paths == pytest.approx(results["cggr"].grad_paths)
-    assert results["random"].loss_tokens == pytest.approx(results["cggr"].loss_tokens)
+    assert random.grad_paths == pytest.approx(cggr.grad_paths)
+    assert random.loss_tokens == pytest.approx(cggr.loss_tokens)
     # Same init and data: the first step's loss is identical across modes.
-    assert results["cggr"].losses[0] == pytest.approx(results["dense"].losses[0], rel=1e-5)
+    assert cggr.losses[0] == pytest.approx(dense.losses[0], rel=1e-5)
     table = out[out.index("mode") :]
-    assert all(mode in table for mode in ("dense", "cggr", "random")) and "val ppl" in table
+    assert all(mode in table for mode in ("dense", "cggr", "random")) and "± s.e." in table and "bwd FLOPs saved" in table
     assert "SLOWER" in out and "cggr vs random" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"loss curves: {plot}" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--ratio", "0"], "--ratio: expected a value in (0, 1]"),
+        (["--ratio", "1.5"], "--ratio: expected a value in (0, 1]"),
+        (["--seeds", "a,b"], "--seeds: expected comma-separated integers"),
+        (["--steps", "0"], "--steps: expected an integer >= 1"),
+        (["--dim", "30", "--heads", "4"], "--heads: must divide --dim (30)"),
+        (["--rule", "easiest"], "--rule: invalid choice"),
+        (["--rule", "hardest", "--score", "perplexity"], "--score: method: expected one of"),
+        (["--device", "tpu"], "--device: expected auto, cpu or cuda"),
+    ],
+)
+def test_demo_rejects_bad_options_clearly(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        demo.main([*argv, "--quiet"])
+    assert message in capsys.readouterr().err
+
+
+def test_demo_help_explains_every_option(capsys: pytest.CaptureFixture[str]) -> None:
+    parser = demo.build_parser()
+    for action in parser._actions:
+        assert action.help and len(action.help) > 10, action.option_strings
+    with pytest.raises(SystemExit):
+        demo.main(["--help"])
+    text = capsys.readouterr().out
+    assert all(action.option_strings[-1] in text for action in parser._actions)
 
 
 def test_demo_rejects_unknown_mode() -> None:
