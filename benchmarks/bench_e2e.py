@@ -20,6 +20,8 @@ adds ``mode="reduce-overhead"`` on every side). Modes:
   fastest of these is the baseline of ``speedup_vs_dense``;
 * ``selective_R``: :func:`cggr_fn.models.cggr_loss` with ``selection="topk"``
   and ratio R (a 2-layer router);
+* ``priority_0.25``: unbiased priority sampling by the logits-gradient norm
+  (the importance-weighted loss), the same capacities;
 * ``random_0.25``: the same capacities with random tokens (no router);
 * ``buckets_4``: four depth tiers (100/75/50/25% of the layers) after warmup;
 * ``sequences_0.25``: :func:`cggr_fn.models.hardest_sequence_loss` with a
@@ -130,6 +132,7 @@ def loss_fns(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, callable]:
 
     fns["selective_0.25"] = routed(selection="topk", ratio=0.25)
     fns["selective_0.5"] = routed(selection="topk", ratio=0.5)
+    fns["priority_0.25"] = routed(selection="priority", ratio=0.25, method="grad_norm")
     fns["random_0.25"] = routed(selection="random", ratio=0.25)
     fns["buckets_4"] = routed(selection="buckets", num_buckets=4, warmup_steps=0)
     router = truncated_router(model, num_layers=SEQUENCE_ROUTER_LAYERS)

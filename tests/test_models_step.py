@@ -222,3 +222,22 @@ def test_models_with_transformed_logits_are_refused() -> None:
     config = transformers.Gemma2Config(**_LLAMA_LIKE, head_dim=4, final_logit_softcapping=30.0)
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         cggr_loss(transformers.Gemma2ForCausalLM(config))
+
+
+@pytest.mark.parametrize("favoured", [0, 1])
+def test_hardest_sequence_loss_ranks_by_mean_excess_with_a_reference(favoured: int) -> None:
+    from cggr_fn.models import hardest_sequence_loss
+
+    model = build("gpt2")
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    ids, attention_mask, labels = batch()
+    router = truncated_router(model, num_layers=1)
+    # The reference finds every sequence but the favoured one far easier than the model does... or far harder.
+    reference = torch.full((BATCH, SEQ), 50.0, dtype=torch.float64)
+    reference[favoured] = -50.0
+    loss = hardest_sequence_loss(model, router, params, ids, labels, ratio=0.5, attention_mask=attention_mask,
+                                 reference=reference)
+    one = slice(favoured, favoured + 1)
+    expected = lm_loss(model(input_ids=ids[one], attention_mask=attention_mask[one]).logits, labels[one],
+                       attention_mask=attention_mask[one])
+    torch.testing.assert_close(loss, expected)

@@ -13,6 +13,7 @@ from cggr_fn import _checks
 from cggr_fn._curriculum import Ratio, Step
 from cggr_fn._loss import selective_loss
 from cggr_fn._ranking import capacity, difficulty_order
+from cggr_fn._reference import excess
 from cggr_fn._scoring import ScoreMethod, score
 from cggr_fn._selection import select
 from cggr_fn._stats import compute_dtype
@@ -242,6 +243,7 @@ def hardest_sequence_loss(
     causal: bool = True,
     method: ScoreMethod = "combined",
     ignore_index: int = -100,
+    reference: torch.Tensor | None = None,
     **model_kwargs: Any,
 ) -> torch.Tensor:
     """Train on the hardest sequences of the batch: router pass, pick, full forward on the subset.
@@ -255,7 +257,11 @@ def hardest_sequence_loss(
     :func:`take_sequences`, runs ``model`` on that
     subset through :func:`torch.func.functional_call` with ``params``, and
     returns :func:`lm_loss` of its logits (the mean over labelled positions,
-    as the model computes from ``labels=``). Differentiable in ``params``
+    as the model computes from ``labels=``). With ``reference`` (per-token
+    scores of a reference model on the same batch, aligned like
+    :func:`token_scores`), sequences are ranked by their mean excess score
+    (:func:`cggr_fn.excess`), the excess-loss rule at sequence granularity.
+    Differentiable in ``params``
     (the selection is a constant); compiles with
     ``torch.compile(fullgraph=True)``.
 
@@ -269,6 +275,7 @@ def hardest_sequence_loss(
       causal: ``labels`` are next-token labels; ``False`` for masked LMs.
       method: a :func:`cggr_fn.score` method for the router's logits.
       ignore_index: the "no label" value.
+      reference: optional ``(batch, seq)`` reference scores to subtract.
       **model_kwargs: further model arguments, e.g. ``attention_mask``.
 
     Returns:
@@ -293,6 +300,8 @@ def hardest_sequence_loss(
         logits, labels, attention_mask=model_kwargs.get("attention_mask"), causal=causal, method=method,
         ignore_index=ignore_index,
     )
+    if reference is not None:
+        scores = excess(scores, reference)
     subset = take_sequences(
         {"input_ids": input_ids, "labels": labels, **model_kwargs}, hardest_sequences(scores, ratio=ratio),
         batch_shape=input_ids.shape,
