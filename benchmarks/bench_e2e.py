@@ -19,7 +19,8 @@ adds ``mode="reduce-overhead"`` on every side). Modes:
   cross-entropy on the final hidden states, compiled (if installed). The
   fastest of these is the baseline of ``speedup_vs_dense``;
 * ``selective_R``: :func:`cggr_fn.models.cggr_loss` with ``selection="topk"``
-  and ratio R (a 2-layer router);
+  and ratio R (a 2-layer router); ``_fused``: the same with ``fused_head=True``
+  (the head and loss by :func:`cggr_fn.fused_selective_loss`);
 * ``priority_0.25``: unbiased priority sampling by the logits-gradient norm
   (the importance-weighted loss), the same capacities;
 * ``random_0.25``: the same capacities with random tokens (no router);
@@ -131,10 +132,12 @@ def loss_fns(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, callable]:
         return lambda params, input_ids, step: fn(params, input_ids, step)[0]
 
     fns["selective_0.25"] = routed(selection="topk", ratio=0.25)
+    fns["selective_0.25_fused"] = routed(selection="topk", ratio=0.25, fused_head=True)
     fns["selective_0.5"] = routed(selection="topk", ratio=0.5)
     fns["priority_0.25"] = routed(selection="priority", ratio=0.25, method="grad_norm")
     fns["random_0.25"] = routed(selection="random", ratio=0.25)
     fns["buckets_4"] = routed(selection="buckets", num_buckets=4, warmup_steps=0)
+    fns["buckets_4_fused"] = routed(selection="buckets", num_buckets=4, warmup_steps=0, fused_head=True)
     router = truncated_router(model, num_layers=SEQUENCE_ROUTER_LAYERS)
     fns["sequences_0.25"] = lambda params, input_ids, step: hardest_sequence_loss(
         model, router, params, input_ids, input_ids, ratio=0.25)

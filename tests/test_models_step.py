@@ -52,14 +52,16 @@ def reference_loss(model: nn.Module, selection: str, params: dict[str, torch.Ten
     return cggr_fn.selective_loss(logits, targets, routing.depth > 0)
 
 
+@pytest.mark.parametrize("fused_head", [False, True], ids=["linear_head", "fused_head"])
 @pytest.mark.parametrize("name", FAMILIES)
 @pytest.mark.parametrize("selection", ["topk", "priority", "random", "buckets"])
-def test_loss_and_grads_equal_the_masked_reference_in_float64(name: str, selection: str) -> None:
+def test_loss_and_grads_equal_the_masked_reference_in_float64(name: str, selection: str, fused_head: bool) -> None:
     model = build(name)
     params = {k: v.detach() for k, v in model.named_parameters()}
     ids, attention_mask, labels = batch()
     method = "grad_norm" if selection == "priority" else "combined"
-    loss_fn = cggr_loss(model, selection=selection, ratio=0.25, router_layers=1, warmup_steps=4, method=method)
+    loss_fn = cggr_loss(model, selection=selection, ratio=0.25, router_layers=1, warmup_steps=4, method=method,
+                        fused_head=fused_head)
     grads, (loss, routing) = torch.func.grad_and_value(loss_fn, has_aux=True)(
         params, ids, 7, labels=labels, attention_mask=attention_mask)
     assert isinstance(routing, Routing)
@@ -137,13 +139,14 @@ def test_random_selection_is_a_pure_function_of_the_step() -> None:
     assert torch.equal(tensor_step, depths[2])
 
 
-@pytest.mark.parametrize("selection", ["topk", "priority", "random", "buckets"])
-def test_the_training_step_compiles_fullgraph_once(selection: str) -> None:
+@pytest.mark.parametrize("selection, fused_head", [("topk", False), ("topk", True), ("priority", False),
+                                                   ("random", False), ("buckets", False), ("buckets", True)])
+def test_the_training_step_compiles_fullgraph_once(selection: str, fused_head: bool) -> None:
     torch._dynamo.reset()
     model = build("llama", torch.float32)
     params = {k: v.detach() for k, v in model.named_parameters()}
     ids, attention_mask, labels = batch()
-    loss_fn = cggr_loss(model, selection=selection, ratio=0.25, router_layers=1, warmup_steps=2)
+    loss_fn = cggr_loss(model, selection=selection, ratio=0.25, router_layers=1, warmup_steps=2, fused_head=fused_head)
     step_fn = torch.func.grad_and_value(loss_fn, has_aux=True)
     compiled = torch.compile(step_fn, fullgraph=True, backend="aot_eager")
     for step in (2, 3):
@@ -196,6 +199,7 @@ def test_buckets_before_the_capacity_step_raise_under_checking() -> None:
         ({"warmup_steps": -1}, ValueError, "warmup_steps"),
         ({"capacity_step": -2}, ValueError, "capacity_step"),
         ({"trim": 1.5}, ValueError, r"trim: expected a value in \[0, 1\]"),
+        ({"fused_head": "yes"}, TypeError, "fused_head: expected a bool"),
         ({"selection": "random", "trim": 0.1}, ValueError, "trim: random selection has no scores to trim"),
     ],
 )

@@ -11,7 +11,7 @@ from cggr_fn import _checks
 from cggr_fn._bucketing import bucket_capacity, bucket_depth
 from cggr_fn._compaction import partition
 from cggr_fn._curriculum import Step
-from cggr_fn._head import fused_linear_token_stats
+from cggr_fn._head import fused_linear_token_stats, fused_selective_loss
 from cggr_fn._loss import selective_loss
 from cggr_fn._ranking import capacity
 from cggr_fn._reference import excess, trim
@@ -21,7 +21,7 @@ from cggr_fn.models._common import check_model, select_tensors, tensor_names
 from cggr_fn.models._detect import ModelParts, resolve_parts
 from cggr_fn.models._routed_forward import DepthRoutedForward, depth_routed_forward
 from cggr_fn.models._router import TruncatedRouter, truncated_router
-from cggr_fn.models._wrappers import lm_loss, lm_targets
+from cggr_fn.models._wrappers import lm_targets
 
 SELECTIONS = ("topk", "priority", "random", "buckets")
 # Config fields of models whose logits are more than ``head(final hidden)``.
@@ -52,7 +52,7 @@ class CGGRLoss:
     """
 
     def __init__(self, model: nn.Module, *, selection: str, ratio: float, router_layers: int, method: ScoreMethod,
-                 num_buckets: int, warmup_steps: int, capacity_step: int | None, trim: float,
+                 num_buckets: int, warmup_steps: int, capacity_step: int | None, trim: float, fused_head: bool,
                  parts: ModelParts | None) -> None:
         check_model(model)
         if selection not in SELECTIONS:
@@ -73,6 +73,9 @@ class CGGRLoss:
         self.selection = selection
         self.ratio = float(ratio)
         self.trim = float(trim)
+        if not isinstance(fused_head, bool):
+            raise TypeError(f"fused_head: expected a bool, got {type(fused_head).__name__}")
+        self.fused_head = fused_head
         self.method = method
         self.num_buckets = num_buckets
         self.warmup_steps = warmup_steps
@@ -106,14 +109,18 @@ class CGGRLoss:
         targets = lm_targets(labels, attention_mask=attention_mask)
         scores = self._scores(params, input_ids, targets, attention_mask, step, reference)
         n = input_ids.numel()
+        base = self.forward.module.get_submodule(self._base)
+        flat_targets = targets.reshape(n)
         if self.selection == "buckets":
             depth = bucket_depth(scores, step, num_layers=self.num_layers, num_buckets=self.num_buckets,
                                  warmup_steps=self.warmup_steps)
             layer_capacity = bucket_capacity(n, self.capacity_step, num_layers=self.num_layers,
                                              num_buckets=self.num_buckets, warmup_steps=self.warmup_steps)
-            logits = self.forward(params, depth, capacity=layer_capacity, **kwargs).logits
-            weights = (targets != -100).to(scores.dtype)
-            return lm_loss(logits, labels, attention_mask=attention_mask), Routing(depth, scores, weights)
+            hidden = self.forward.call_module(base, self._strip_base(params), depth, (), kwargs, capacity=layer_capacity)[0]
+            labelled = flat_targets != -100
+            # Every labelled token trains the head: the mean over them is the model's own loss.
+            loss = self._head_loss(params, hidden.reshape(n, hidden.shape[-1]), flat_targets, labelled, None, "selected")
+            return loss, Routing(depth, scores, labelled.reshape(targets.shape).to(scores.dtype))
         if self.selection == "priority":
             # Importance must be >= 0; -inf (no target) stays unsampleable.
             importance = torch.where(torch.isneginf(scores), scores, scores.clamp_min(0.0))
@@ -123,20 +130,27 @@ class CGGRLoss:
             weights = mask.to(scores.dtype)
         depth = torch.where(mask, self.num_layers, 0)
         k = capacity(n, ratio=self.ratio)
-        base = self.forward.module.get_submodule(self._base)
         hidden = self.forward.call_module(base, self._strip_base(params), depth, (), kwargs, capacity=k)[0]
         # Only the selected tokens reach the head: its forward and backward run on k rows.
         part = partition(mask, k)
         rows = hidden.reshape(n, hidden.shape[-1]).index_select(0, part.routed)
-        logits = nn.functional.linear(rows, *self._head_tensors(params))
-        routed_targets = targets.reshape(n).index_select(0, part.routed)
+        routed_targets = flat_targets.index_select(0, part.routed)
         if self.selection != "priority":
-            return selective_loss(logits, routed_targets, part.keep), Routing(depth, scores, weights)
+            return self._head_loss(params, rows, routed_targets, part.keep, None, "selected"), Routing(depth, scores, weights)
         # The unbiased estimate of the dense mean: sum(w * nll) over the sample / all labelled tokens.
-        loss = selective_loss(logits, routed_targets, part.keep, weights=weights.reshape(n).index_select(0, part.routed),
-                              normalize="valid")
-        labelled = (targets != -100).sum().clamp_min(1).to(loss.dtype)
+        loss = self._head_loss(params, rows, routed_targets, part.keep, weights.reshape(n).index_select(0, part.routed),
+                               "valid")
+        labelled = (flat_targets != -100).sum().clamp_min(1).to(loss.dtype)
         return loss * ((routed_targets != -100).sum().to(loss.dtype) / labelled), Routing(depth, scores, weights)
+
+    def _head_loss(self, params: dict[str, torch.Tensor], rows: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                   weights: torch.Tensor | None, normalize: str) -> torch.Tensor:
+        """:func:`cggr_fn.selective_loss` of the head's logits of ``rows``; fused: no logits stored."""
+        weight, bias = self._head_tensors(params)
+        if self.fused_head:
+            return fused_selective_loss(rows, weight, targets, mask, weights=weights, bias=bias, normalize=normalize)
+        logits = nn.functional.linear(rows, weight, bias)
+        return selective_loss(logits, targets, mask, weights=weights, normalize=normalize)
 
     def _scores(self, params: dict[str, torch.Tensor], input_ids: torch.Tensor, targets: torch.Tensor,
                 attention_mask: torch.Tensor | None, step: Step, reference: torch.Tensor | None) -> torch.Tensor:
@@ -210,6 +224,7 @@ def cggr_loss(
     warmup_steps: int = 0,
     capacity_step: int | None = None,
     trim: float = 0.0,
+    fused_head: bool = False,
     parts: ModelParts | None = None,
 ) -> CGGRLoss:
     """The CGGR language-model loss of a causal LM as one pure, compacted function.
@@ -272,6 +287,10 @@ def cggr_loss(
       num_buckets, warmup_steps: the curriculum of ``"buckets"``.
       capacity_step: the first step the ``"buckets"`` capacities hold for.
       trim: share of the hardest scored tokens never selected, in ``[0, 1]``.
+      fused_head: compute the head and its loss with
+        :func:`cggr_fn.fused_selective_loss` (no logits stored; gradients
+        formed chunk by chunk in the forward) instead of the head's logits
+        and :func:`cggr_fn.selective_loss`. The same loss and gradients.
       parts: where the model's pieces are; detected if ``None``.
 
     Returns:
@@ -292,4 +311,4 @@ def cggr_loss(
     """
     return CGGRLoss(model, selection=selection, ratio=ratio, router_layers=router_layers, method=method,
                     num_buckets=num_buckets, warmup_steps=warmup_steps, capacity_step=capacity_step, trim=trim,
-                    parts=parts)
+                    fused_head=fused_head, parts=parts)
