@@ -178,7 +178,7 @@ def small_llama(vocab_size: int, args: argparse.Namespace, num_layers: int) -> t
 
 def load_gguf(path: str) -> tuple[torch.nn.Module, Any]:
     directory, name = str(Path(path).parent), Path(path).name
-    model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, torch_dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
     tokenizer = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
     return model, tokenizer
 

@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "hardest (the seed's recipe: difficulty buckets, loss on the hardest tokens)")
     parser.add_argument("--ratio", type=_ratio, default=0.25, help="share of tokens that train (hardest: after the curriculum)")
     parser.add_argument("--reference-layers", type=_positive_int, default=2, help="excess: blocks of the reference model (its width is --dim)")
-    parser.add_argument("--reference-steps", type=_positive_int, help="excess: the reference's training steps, on other batches (default: half of --steps)")
+    parser.add_argument("--reference-steps", type=_positive_int, help="excess: the reference's training steps, on other batches (default: --steps)")
     parser.add_argument("--score", default="combined", help="hardest: cggr_fn.score method (combined, entropy, confidence, margin, loss, grad_norm)")
     parser.add_argument("--num-buckets", type=_positive_int, default=4, help="hardest: depth buckets (4: 100/75/50/25%% of the layers)")
     parser.add_argument("--curriculum-steps", type=int, help="hardest: steps of linear curriculum (default: 40%% of --steps)")
@@ -416,7 +416,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.curriculum_steps is None:
         args.curriculum_steps = max(1, (2 * args.steps) // 5)
     if args.reference_steps is None:
-        args.reference_steps = max(1, args.steps // 2)
+        args.reference_steps = args.steps
     if args.rule == "hardest":
         try:
             cggr_fn.score(torch.zeros(1, 2), torch.zeros(1, dtype=torch.long), method=args.score)
