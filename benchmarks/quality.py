@@ -21,7 +21,9 @@ Settings:
 Modes (``--modes``; ``R`` = ``--ratios``): ``dense``; ``random_token``
 (``cggr_loss(selection="random")``, the compute-matched control);
 ``random_sequence`` (random whole sequences); ``topk_combined`` and
-``buckets_4`` (the seed's defaults); ``topk_loss``; ``priority_grad_norm`` and
+``buckets_4`` (the seed's defaults; the four depth tiers from the first step,
+without the seed's curriculum, whose early steps would need every layer's full
+capacity); ``topk_loss``; ``priority_grad_norm`` and
 ``priority_loss`` (unbiased importance sampling); ``excess`` (model loss minus
 a reference model's, top-k), ``excess_priority`` and ``excess_trim`` (the
 hardest 5% of excess dropped); ``ema_excess`` (reference = the loss under an
@@ -224,7 +226,8 @@ def make_loss(mode: str, ratio: float, model: torch.nn.Module, args: argparse.Na
     if selection != "random":
         kwargs.update(router_layers=router_layers, method=method)
     if selection == "buckets":
-        kwargs.update(num_buckets=4, warmup_steps=max(1, args.steps // 5), capacity_step=0)
+        # The four tiers from the first step: a curriculum would need the full capacity until it ends.
+        kwargs.update(num_buckets=4, warmup_steps=0)
     if mode == "excess_trim":
         kwargs["trim"] = TRIM
     loss_fn = cggr_loss(model, **kwargs)
