@@ -468,30 +468,37 @@ def _time_to(curve: list[tuple[int, float, float]], target: float) -> float | No
 
 
 def plot(runs: list[Run], path: Path) -> None:
+    """Validation loss against wall-clock per setting: one colour per (mode, ratio), dashed for equal wall-clock."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     settings = sorted({r.setting for r in runs})
-    figure, axes = plt.subplots(1, len(settings), figsize=(7 * len(settings), 4.5), dpi=120, squeeze=False)
+    figure, axes = plt.subplots(1, len(settings), figsize=(11 * len(settings), 6), dpi=110, squeeze=False)
+    colours = plt.get_cmap("tab20").colors
     for axis, setting in zip(axes[0], settings):
-        keys = sorted({(r.budget, r.mode, r.ratio) for r in runs if r.setting == setting})
-        for budget, mode, ratio in keys:
-            members = [r for r in runs if (r.setting, r.budget, r.mode, r.ratio) == (setting, budget, mode, ratio)]
-            length = min(len(r.curve) for r in members)
-            seconds = [sum(r.curve[i][1] for r in members) / len(members) for i in range(length)]
-            losses = [sum(r.curve[i][2] for r in members) / len(members) for i in range(length)]
-            label = mode if mode == "dense" else f"{mode} {ratio}" + (" (equal wall-clock)" if budget == "wall_clock" else "")
-            axis.plot(seconds, losses, label=label, linestyle="--" if budget == "wall_clock" else "-")
-        axis.set_xlabel("wall-clock s (training steps only; references counted)")
-        axis.set_ylabel("validation loss")
-        axis.set_title(setting)
+        modes = sorted({(r.mode, r.ratio) for r in runs if r.setting == setting})
+        for index, (mode, ratio) in enumerate(modes):
+            for budget in ("steps", "wall_clock"):
+                members = [r for r in runs if (r.setting, r.budget, r.mode, r.ratio) == (setting, budget, mode, ratio)]
+                if not members:
+                    continue
+                length = min(len(r.curve) for r in members)
+                seconds = [sum(r.curve[i][1] for r in members) / len(members) for i in range(length)]
+                losses = [sum(r.curve[i][2] for r in members) / len(members) for i in range(length)]
+                name = mode if mode == "dense" else f"{mode} {ratio}"
+                axis.plot(seconds, losses, color=colours[index % len(colours)], linestyle="-" if budget == "steps" else "--",
+                          marker="o" if budget == "steps" else None, markersize=3,
+                          label=name if budget == "steps" else f"{name}, dense's wall-clock")
+        axis.set_xlabel("wall-clock s (training steps; a reference's training counted)")
+        axis.set_ylabel(f"validation loss (mean over seeds {sorted({r.seed for r in runs})})")
+        axis.set_title(f"{setting}: solid = equal steps, dashed = as many steps as dense's wall-clock")
         axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+        axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    figure.savefig(path, bbox_inches="tight")
     plt.close(figure)
 
 
@@ -526,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--equal-wall-clock", action="store_true",
                         help="also rerun every mode with as many steps as fit in dense's wall-clock (reference included)")
     parser.add_argument("--out", required=True, help="JSON path; the plot goes next to it (.png)")
+    parser.add_argument("--replot", action="store_true", help="redraw the plot of the results already in --out; train nothing")
     return parser
 
 
@@ -554,6 +562,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.replot:
+        report = json.loads(Path(args.out).read_text())
+        plot([Run(**{**row, "curve": [tuple(point) for point in row["curve"]]}) for row in report["rows"]],
+             Path(args.out).with_suffix(".png"))
+        return report
     runs = [run for setting in args.settings for run in run_setting(setting, args)]
     import triton
 
