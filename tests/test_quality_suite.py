@@ -33,6 +33,10 @@ def test_every_mode_runs_and_reports(tmp_path: Path) -> None:
     summary = {(r["mode"], r["ratio"]): r for r in saved["summary"]}
     assert summary[("excess", 0.25)]["seeds"] == 2 and "vs_random_token_in_stderr" in summary[("excess", 0.25)]
     assert summary[("dense", 1.0)]["time_to_dense_final_s"] is not None
+    # The plot can be redrawn from the JSON alone.
+    out.with_suffix(".png").unlink()
+    assert quality.main(["--replot", "--out", str(out)])["rows"] == rows
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_equal_wall_clock_reruns_fit_dense_time(tmp_path: Path) -> None:
