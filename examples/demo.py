@@ -2,7 +2,7 @@
 
     python examples/demo.py                         # about 2-3 minutes on 2 CPU cores (a GPU picks a larger run)
     python examples/demo.py --seeds 0,1,2           # mean and standard error over seeds
-    python examples/demo.py --rule hardest          # the seed's recipe instead (it loses to random)
+    python examples/demo.py --rule hardest          # the seed's recipe instead
     python examples/demo.py --help                  # every option
 
 Every mode starts from the same initial parameters and sees the same batches
