@@ -363,7 +363,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # returned, needed or not: ctx.needs_input_grad reads False for the
         # weight under torch.compile of torch.func.grad (torch 2.13), which
         # would silently zero it.
-        scale = torch.Tensor.mul_ if in_place else _scale_out_of_place
+        scale = torch.Tensor.mul_ if in_place else torch.mul
         return (
             scale(d_rows, grad_loss),
             scale(d_weight, grad_loss) if ctx.weight_grad else None,
@@ -380,10 +380,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 def _out_of_place() -> bool:
     return torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
-
-
-def _scale_out_of_place(gradient: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return gradient * scale
 
 
 # ------------------------------------------------------------------- losses

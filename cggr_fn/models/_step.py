@@ -107,17 +107,18 @@ class CGGRLoss:
         if attention_mask is not None:
             kwargs["attention_mask"] = attention_mask
         targets = lm_targets(labels, attention_mask=attention_mask)
-        scores = self._scores(params, input_ids, targets, attention_mask, step, reference)
+        base_params = self._strip_base(params)
+        scores = self._scores(params, base_params, kwargs, targets, step, reference)
         n = input_ids.numel()
         base = self.forward.module.get_submodule(self._base)
         flat_targets = targets.reshape(n)
+        labelled = flat_targets != -100
         if self.selection == "buckets":
             depth = bucket_depth(scores, step, num_layers=self.num_layers, num_buckets=self.num_buckets,
                                  warmup_steps=self.warmup_steps)
             layer_capacity = bucket_capacity(n, self.capacity_step, num_layers=self.num_layers,
                                              num_buckets=self.num_buckets, warmup_steps=self.warmup_steps)
-            hidden = self.forward.call_module(base, self._strip_base(params), depth, (), kwargs, capacity=layer_capacity)[0]
-            labelled = flat_targets != -100
+            hidden = self.forward.call_module(base, base_params, depth, (), kwargs, capacity=layer_capacity)[0]
             # Every labelled token trains the head: the mean over them is the model's own loss.
             loss = self._head_loss(params, hidden.reshape(n, hidden.shape[-1]), flat_targets, labelled, None, "selected")
             return loss, Routing(depth, scores, labelled.reshape(targets.shape).to(scores.dtype))
@@ -130,18 +131,19 @@ class CGGRLoss:
             weights = mask.to(scores.dtype)
         depth = torch.where(mask, self.num_layers, 0)
         k = capacity(n, ratio=self.ratio)
-        hidden = self.forward.call_module(base, self._strip_base(params), depth, (), kwargs, capacity=k)[0]
+        hidden = self.forward.call_module(base, base_params, depth, (), kwargs, capacity=k)[0]
         # Only the selected tokens reach the head: its forward and backward run on k rows.
         part = partition(mask, k)
         rows = hidden.reshape(n, hidden.shape[-1]).index_select(0, part.routed)
         routed_targets = flat_targets.index_select(0, part.routed)
         if self.selection != "priority":
             return self._head_loss(params, rows, routed_targets, part.keep, None, "selected"), Routing(depth, scores, weights)
-        # The unbiased estimate of the dense mean: sum(w * nll) over the sample / all labelled tokens.
+        # The unbiased estimate of the dense mean: sum(w * nll) over the sample / all labelled tokens
+        # ("valid" divides by the labelled slots only; the factor makes it all labelled tokens).
         loss = self._head_loss(params, rows, routed_targets, part.keep, weights.reshape(n).index_select(0, part.routed),
                                "valid")
-        labelled = (flat_targets != -100).sum().clamp_min(1).to(loss.dtype)
-        return loss * ((routed_targets != -100).sum().to(loss.dtype) / labelled), Routing(depth, scores, weights)
+        share = labelled.index_select(0, part.routed).sum().to(loss.dtype) / labelled.sum().clamp_min(1).to(loss.dtype)
+        return loss * share, Routing(depth, scores, weights)
 
     def _head_loss(self, params: dict[str, torch.Tensor], rows: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                    weights: torch.Tensor | None, normalize: str) -> torch.Tensor:
@@ -152,18 +154,16 @@ class CGGRLoss:
         logits = nn.functional.linear(rows, weight, bias)
         return selective_loss(logits, targets, mask, weights=weights, normalize=normalize)
 
-    def _scores(self, params: dict[str, torch.Tensor], input_ids: torch.Tensor, targets: torch.Tensor,
-                attention_mask: torch.Tensor | None, step: Step, reference: torch.Tensor | None) -> torch.Tensor:
+    def _scores(self, params: dict[str, torch.Tensor], base_params: dict[str, torch.Tensor], kwargs: dict[str, Any],
+                targets: torch.Tensor, step: Step, reference: torch.Tensor | None) -> torch.Tensor:
         if self.router is None:
             # Uniform draws from a hash of (position, step): pure, the same on every device.
-            draws = _position_hash(input_ids.numel(), step, input_ids.device).reshape(input_ids.shape).float()
+            draws = _position_hash(targets.numel(), step, targets.device).reshape(targets.shape).float()
             return torch.where(targets != -100, draws, float("-inf"))
-        kwargs = {**self.router._defaults, "input_ids": input_ids}
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask
         base = self.router.module.get_submodule(self._base)
         with torch.no_grad():
-            hidden = torch.func.functional_call(base, select_tensors(self._strip_base(params), self._router_names), (), kwargs)[0]
+            hidden = torch.func.functional_call(base, select_tensors(base_params, self._router_names), (),
+                                                {**self.router._defaults, **kwargs})[0]
             weight, bias = self._head_tensors(params)
             # Statistics straight from the final hidden states: the router's
             # logits are never materialised (one chunk at a time).
