@@ -64,6 +64,9 @@ from cggr_fn.models import (
 )
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "examples"))
+
+from poetry_data import batch_starts  # noqa: E402  (window offsets drawn once per seed: batches are pure)
 MODES = (
     "dense", "random_token", "random_sequence", "topk_combined", "buckets_4", "topk_loss",
     "priority_grad_norm", "priority_loss", "excess", "excess_priority", "excess_trim", "ema_excess",
@@ -152,12 +155,6 @@ class HFTokenizer:
 
     def encode(self, text: str) -> list[int]:
         return self._tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
-def batch_starts(num_tokens: int, *, steps: int, batch_size: int, seq_len: int, seed: int) -> torch.Tensor:
-    """Window offsets for every step, drawn once: a batch is a pure function of (seed, step)."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, num_tokens - seq_len - 1, (steps, batch_size), generator=generator)
 
 
 def windows(data: torch.Tensor, starts: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -341,7 +338,6 @@ def run_setting(setting: str, args: argparse.Namespace) -> list[Run]:
         else:
             init = base_model.to(device)
         init_state = {k: v.detach().clone() for k, v in init.state_dict().items()}
-        starts = batch_starts(len(corpus.train), steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=seed)
         reference_model, reference_params, reference_s = None, None, 0.0
         if any(m in NEEDS_REFERENCE for m in args.modes):
             if base_model is None:
@@ -359,34 +355,51 @@ def run_setting(setting: str, args: argparse.Namespace) -> list[Run]:
                 reference_model = init
                 reference_params = {k: v.detach().clone() for k, v in init.named_parameters()}
             reference_model.eval()
+        reference = Reference(reference_model, reference_params, reference_s)
         for mode in args.modes:
             once = mode in ("dense", "buckets_4")  # neither takes a ratio: one run per seed
             for ratio in args.ratios[:1] if once else args.ratios:
-                init.load_state_dict(init_state)
-                model = init.train()
-                ema = cggr_fn.ema(EMA_STEP) if mode == "ema_excess" else None
-                uses_fixed = mode in NEEDS_REFERENCE
-                loss_fn = make_loss(mode, ratio, model, args, reference_model if uses_fixed else (model if ema else None))
-                offset = reference_s if uses_fixed else 0.0
-                curve, step_times = train(model, loss_fn, corpus.train, starts, args, corpus.val, clock_offset=offset,
-                                          reference=reference_params if uses_fixed else None, ema=ema)
-                ordered = sorted(step_times[len(step_times) // 10 :] or step_times)
+                curve, step_ms, offset = train_mode(mode, ratio, args.steps, seed, init, init_state, corpus, args, reference)
                 shown_ratio = {"dense": 1.0, "buckets_4": BUCKETS_SHARE}.get(mode, ratio)
-                run = Run(setting, "steps", mode, shown_ratio, seed, curve[-1][2], curve[-1][1], args.steps,
-                          round(1e3 * ordered[len(ordered) // 2], 3), round(offset, 3), curve)
+                run = Run(setting, "steps", mode, shown_ratio, seed, curve[-1][2], curve[-1][1], args.steps, step_ms,
+                          offset, curve)
                 runs.append(run)
                 print(f"[{setting}] seed {seed} ratio {run.ratio} {mode:<18} val {run.final_val_loss:.4f} "
                       f"{run.wall_clock_s:8.1f} s ({run.step_ms_median:.1f} ms/step)", flush=True)
         if args.equal_wall_clock:
             runs += equal_wall_clock_runs(setting, seed, [r for r in runs if r.seed == seed and r.setting == setting],
-                                          init, init_state, corpus, args, reference_model, reference_params)
+                                          init, init_state, corpus, args, reference)
     return runs
+
+
+class Reference(NamedTuple):
+    """The fixed reference of the excess modes: its model, parameters and training time (0 if none was trained)."""
+
+    model: torch.nn.Module | None
+    params: dict[str, torch.Tensor] | None
+    seconds: float
+
+
+def train_mode(mode: str, ratio: float, steps: int, seed: int, init: torch.nn.Module,
+               init_state: dict[str, torch.Tensor], corpus: Corpus, args: argparse.Namespace,
+               reference: Reference) -> tuple[list[tuple[int, float, float]], float, float]:
+    """One run from the initial state: its curve, median step ms (first tenth skipped) and clock offset."""
+    init.load_state_dict(init_state)
+    model = init.train()
+    ema = cggr_fn.ema(EMA_STEP) if mode == "ema_excess" else None
+    fixed = mode in NEEDS_REFERENCE
+    loss_fn = make_loss(mode, ratio, model, args, reference.model if fixed else (model if ema else None))
+    offset = reference.seconds if fixed else 0.0
+    starts = batch_starts(len(corpus.train), steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=seed)
+    curve, step_times = train(model, loss_fn, corpus.train, starts, args, corpus.val, clock_offset=offset,
+                              reference=reference.params if fixed else None, ema=ema)
+    ordered = sorted(step_times[len(step_times) // 10 :] or step_times)
+    return curve, round(1e3 * ordered[len(ordered) // 2], 3), round(offset, 3)
 
 
 def equal_wall_clock_runs(setting: str, seed: int, finished: list[Run], init: torch.nn.Module,
                           init_state: dict[str, torch.Tensor], corpus: Corpus, args: argparse.Namespace,
-                          reference_model: torch.nn.Module | None,
-                          reference_params: dict[str, torch.Tensor] | None) -> list[Run]:
+                          reference: Reference) -> list[Run]:
     """Every mode again with as many steps as fit in dense's wall-clock (its reference's time included),
     at its own measured step time; the learning rate decays over that budget."""
     dense = next((r for r in finished if r.mode == "dense"), None)
@@ -402,17 +415,9 @@ def equal_wall_clock_runs(setting: str, seed: int, finished: list[Run], init: to
                   flush=True)
             continue
         ratio = args.ratios[0] if previous.mode == "buckets_4" else previous.ratio
-        init.load_state_dict(init_state)
-        model = init.train()
-        uses_fixed = previous.mode in NEEDS_REFERENCE
-        ema = cggr_fn.ema(EMA_STEP) if previous.mode == "ema_excess" else None
-        loss_fn = make_loss(previous.mode, ratio, model, args, reference_model if uses_fixed else (model if ema else None))
-        starts = batch_starts(len(corpus.train), steps=steps, batch_size=args.batch_size, seq_len=args.seq_len, seed=seed)
-        curve, step_times = train(model, loss_fn, corpus.train, starts, args, corpus.val, clock_offset=previous.reference_s,
-                                  reference=reference_params if uses_fixed else None, ema=ema)
-        ordered = sorted(step_times[len(step_times) // 10 :] or step_times)
+        curve, step_ms, _ = train_mode(previous.mode, ratio, steps, seed, init, init_state, corpus, args, reference)
         run = previous._replace(budget="wall_clock", final_val_loss=curve[-1][2], wall_clock_s=curve[-1][1], steps=steps,
-                                step_ms_median=round(1e3 * ordered[len(ordered) // 2], 3), curve=curve)
+                                step_ms_median=step_ms, curve=curve)
         runs.append(run)
         print(f"[{setting}] seed {seed} ratio {run.ratio} {run.mode:<18} equal wall-clock: {steps} steps, "
               f"val {run.final_val_loss:.4f} {run.wall_clock_s:8.1f} s", flush=True)
