@@ -341,6 +341,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         _, *stats, d_rows, d_weight, d_bias = output
         ctx.has_bias = bias is not None
         ctx.weight_grad = weight_grad
+        # Only the loss is differentiable: without this, autograd would hand
+        # backward zeros for every other output, a weight-sized one included.
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(d_rows, d_weight, d_bias, stats[4], active)
         ctx.mark_non_differentiable(*stats, d_rows, d_weight, d_bias)
 

@@ -461,3 +461,30 @@ def test_a_second_backward_through_the_same_graph_raises():
     with pytest.raises(RuntimeError, match="runs once per forward"):
         loss.backward()
 
+
+
+def test_backward_allocates_no_second_weight_sized_tensor():
+    """Forward + backward allocate one weight-sized tensor: the gradient itself, which ``.grad`` takes over.
+
+    (Autograd hands a Function zeros for the gradients of its unused outputs
+    unless told not to; one of those outputs is the weight-sized gradient.)
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(16, 4, generator=g, requires_grad=True)
+    weight = torch.randn(37, 4, generator=g, requires_grad=True)
+    targets = torch.randint(0, 37, (16,), generator=g)
+    allocated = []
+
+    class WeightSized(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for tensor in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(tensor, torch.Tensor) and tensor.shape == weight.shape:
+                    allocated.append(tensor.untyped_storage().data_ptr())
+            return out
+
+    with WeightSized():
+        cggr_fn.fused_selective_loss(hidden, weight, targets, torch.ones(16, dtype=torch.bool), chunk_size=4).backward()
+    assert set(allocated) == {weight.grad.data_ptr()}
