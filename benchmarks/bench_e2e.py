@@ -164,8 +164,8 @@ def time_step(step_fn, params, ids, step, iters: int) -> tuple[float, list[float
 
 
 KERNEL_KINDS = (  # first match wins; the names are those of cuBLAS/CUTLASS, FlashAttention, ATen and Inductor
-    ("gemm", re.compile(r"gemm|cutlass|sm90_|nvjet|matmul|_mm_|addmm", re.I)),
     ("attention", re.compile(r"flash|fmha|attention|sdpa", re.I)),
+    ("gemm", re.compile(r"gemm|cutlass|sm90_|nvjet|matmul|_mm_|addmm", re.I)),
     ("gather_scatter", re.compile(r"index|gather|scatter|cat_|take", re.I)),
     ("sort_scan", re.compile(r"sort|scan|cumsum|topk|radix", re.I)),
     ("inductor_fused", re.compile(r"^triton_", re.I)),

@@ -9,7 +9,7 @@ from torch import nn
 
 from cggr_fn import _checks
 from cggr_fn._bucketing import bucket_capacity, bucket_depth
-from cggr_fn._compaction import partition
+from cggr_fn._compaction import partition, to_partition_order
 from cggr_fn._curriculum import Step
 from cggr_fn._head import fused_linear_token_stats, fused_selective_loss
 from cggr_fn._loss import selective_loss
@@ -134,7 +134,7 @@ class CGGRLoss:
         hidden = self.forward.call_module(base, base_params, depth, (), kwargs, capacity=k)[0]
         # Only the selected tokens reach the head: its forward and backward run on k rows.
         part = partition(mask, k)
-        rows = hidden.reshape(n, hidden.shape[-1]).index_select(0, part.routed)
+        rows = to_partition_order(hidden.reshape(n, hidden.shape[-1]), part)[:k]
         routed_targets = flat_targets.index_select(0, part.routed)
         if self.selection != "priority":
             return self._head_loss(params, rows, routed_targets, part.keep, None, "selected"), Routing(depth, scores, weights)
