@@ -10,12 +10,13 @@ Padding rows (false rows taken to fill the capacity) are gated exactly as
 :func:`route_grad` gates them, so the gradients equal the masking version's
 whenever the mask holds at most ``capacity`` true rows.
 
-Plain tensor ops only (gathers, two calls, one gather back), so every
-transform composes: ``torch.func.grad``/``vjp``/``vmap``, ``torch.compile``
-with ``fullgraph=True``, CUDA graphs. (An ``autograd.Function`` that saves only
-the routed rows of a linear map's input would spare the gathers, but compiled
-``torch.func.grad`` of such a Function computes wrong gradients on torch 2.13:
-the gathered rows it saves come back as the whole input.)
+Plain tensor ops only (a permutation of the rows, two calls, the inverse
+permutation), so every transform composes: ``torch.func.grad``/``vjp``/
+``vmap``, ``torch.compile`` with ``fullgraph=True``, CUDA graphs. (An
+``autograd.Function`` that saves only the routed rows of a linear map's input
+would spare the permutations, but compiled ``torch.func.grad`` of such a
+Function computes wrong gradients on torch 2.13: the gathered rows it saves
+come back as the whole input.)
 """
 
 from __future__ import annotations

@@ -228,7 +228,7 @@ def linear_cross_entropy_grad(
       ``(entropy, confidence, margin, logsumexp, nll, grad_norm)`` of shape
       ``(k,)`` in the compute dtype, the rows' gradient ``(k, hidden_size)``,
       the weight gradient ``(vocab, hidden_size)`` (or ``(0,)``) and the bias
-      gradient ``(vocab,)`` (zeros without a bias), all new tensors.
+      gradient ``(vocab,)`` (``(0,)`` without a bias), all new tensors.
     """
     k = rows.shape[0]
     vocab = weight.shape[0]
@@ -241,7 +241,7 @@ def linear_cross_entropy_grad(
         d_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
     else:  # written by the first chunk
         d_weight = torch.empty_like(weight, memory_format=torch.contiguous_format)
-    d_bias = torch.zeros(vocab, dtype=dtype, device=weight.device)
+    d_bias = torch.zeros(vocab if bias is not None else 0, dtype=dtype, device=weight.device)
     coef = coef.to(dtype).contiguous()
     if use_kernel:
         from cggr_fn.kernels import head as grad_kernel
@@ -293,7 +293,7 @@ def _linear_cross_entropy_grad_fake(rows, weight, bias, targets, coef, ignore_in
     dtype = torch.float32 if use_kernel else compute_dtype(rows.dtype)
     stats = tuple(rows.new_empty(rows.shape[0], dtype=dtype) for _ in range(6))
     d_weight = weight.new_empty(weight.shape if weight_grad else (0,))
-    return (*stats, rows.new_empty(rows.shape), d_weight, weight.new_empty(weight.shape[0]))
+    return (*stats, rows.new_empty(rows.shape), d_weight, weight.new_empty(weight.shape[0] if bias is not None else 0))
 
 
 @linear_cross_entropy_grad.register_vmap

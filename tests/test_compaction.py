@@ -167,3 +167,30 @@ def test_bucket_capacity_bounds_bucket_depth_at_and_after_its_step(num_layers: i
 def test_bucket_capacity_bad_input(args: tuple, kwargs: dict, match: str) -> None:
     with pytest.raises((ValueError, TypeError), match=match):
         cggr_fn.bucket_capacity(*args, **kwargs)
+
+
+def test_rows_move_without_scatter_add() -> None:
+    """Forward and backward move rows by copies and gathers, never by an accumulating scatter.
+
+    (index_select's backward is an atomic scatter-add, which for 16-bit floats
+    runs as a kernel the compiler cannot fuse: a tenth of a 1B-parameter step.)
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x, scale, weights, cotangent = _inputs((4, 6))
+    mask = torch.rand(4, 6, generator=torch.Generator().manual_seed(1)) < 0.5
+    capacity = int(mask.sum())
+    seen = set()
+
+    class Ops(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            accumulate = func is torch.ops.aten.index_put.default and len(args) > 3 and args[3]
+            seen.add("accumulating index_put" if accumulate else func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Ops():
+        out, _ = cggr_fn.route_grad(_mlp(weights), mask, capacity=capacity)(x, scale)
+        torch.autograd.grad((out * cotangent).sum(), (x, scale, *weights))
+    assert "_local_scalar_dense" not in seen  # no host sync either
+    assert "index_copy" in seen
+    assert not seen & {"index_add", "index_add_", "scatter_add", "scatter_add_", "accumulating index_put"}
