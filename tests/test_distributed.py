@@ -411,3 +411,31 @@ def test_bad_input() -> None:
         cggr_loss(model, scope="global", capacity_factor=0.9)
     with pytest.raises(TypeError, match="group"):
         cggr_loss(model, scope="rank", group="world")
+
+
+def test_example_trains_saves_and_resumes_under_the_other_engine(tmp_path: Path) -> None:
+    """examples/distributed.py under torchrun: DDP saves at step 2, FSDP2 resumes and continues identically."""
+    import json
+    import subprocess
+    import sys
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "distributed.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    tiny = ["--steps", "3", "--batch-size", "2", "--seq-len", "32", "--dim", "32", "--quiet",
+            "--device", "cpu", "--checkpoint", str(tmp_path / "checkpoint")]
+
+    def launch(*args: str) -> dict[str, Any]:
+        out = tmp_path / f"log{len(list(tmp_path.glob('log*')))}.json"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+                   str(example), *tiny, *args, "--out", str(out)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return json.loads(out.read_text())
+
+    first = launch("--engine", "ddp", "--save-at", "2")
+    resumed = launch("--engine", "fsdp2", "--resume")
+    assert [s["step"] for s in first["steps"]] == [0, 1, 2] and [s["step"] for s in resumed["steps"]] == [2]
+    assert first["world"] == resumed["world"] == WORLD
+    assert resumed["steps"][0]["trained_tokens"] == cggr_fn.capacity(2 * 32, ratio=0.25) * WORLD
+    assert resumed["steps"][0]["loss"] == pytest.approx(first["steps"][2]["loss"], rel=1e-5)
+    assert resumed["steps"][0]["loss"] != pytest.approx(first["steps"][0]["loss"], rel=1e-3)
