@@ -439,3 +439,23 @@ def test_example_trains_saves_and_resumes_under_the_other_engine(tmp_path: Path)
     assert resumed["steps"][0]["trained_tokens"] == cggr_fn.capacity(2 * 32, ratio=0.25) * WORLD
     assert resumed["steps"][0]["loss"] == pytest.approx(first["steps"][2]["loss"], rel=1e-5)
     assert resumed["steps"][0]["loss"] != pytest.approx(first["steps"][0]["loss"], rel=1e-3)
+
+
+def test_bench_distributed_arguments_and_scaling() -> None:
+    """The benchmark's options and its scaling efficiency (the runs themselves need torchrun; README)."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import bench_distributed
+
+    args = bench_distributed.parse_args(["--out", "x.json"])
+    assert args.model == "1b" and args.engines == ["ddp", "fsdp2"] and args.modes == ["dense", "selective_0.25"]
+    assert args.compile and bench_distributed.MODELS["1b"]["batch"] == (8, 2048)
+    for bad in (["--modes", "selective_0"], ["--modes", "sparse"], ["--iters", "0"]):
+        with pytest.raises(SystemExit):
+            bench_distributed.parse_args(["--out", "x.json", *bad])
+    row = dict(model="1b", engine="ddp", mode="dense", device="cuda", compiled=True)
+    rows = bench_distributed.with_scaling([{**row, "gpus": 1, "tokens_per_s": 100.0},
+                                           {**row, "gpus": 2, "tokens_per_s": 180.0},
+                                           {**row, "engine": "fsdp2", "gpus": 2, "tokens_per_s": 150.0}])
+    assert [r["scaling_efficiency"] for r in rows] == [1.0, 0.9, None]
