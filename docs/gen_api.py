@@ -11,7 +11,7 @@ import inspect
 import pathlib
 import sys
 
-MODULES = ("cggr_fn", "cggr_fn.models", "cggr_fn.testing")
+MODULES = ("cggr_fn", "cggr_fn.models", "cggr_fn.distributed", "cggr_fn.testing")
 API_PATH = pathlib.Path(__file__).with_name("api.md")
 
 

@@ -1,7 +1,7 @@
 """Shared properties of every public function, from one table (the optax ``float64_test`` pattern).
 
 ``TABLE`` maps each public function of ``cggr_fn`` (and the tensor functions of
-``cggr_fn.models``) to a factory of example inputs; ``test_property`` runs every
+``cggr_fn.models`` and ``cggr_fn.distributed``) to a factory of example inputs; ``test_property`` runs every
 entry under every property:
 
 * ``dtype``: float64 in gives float64 out, float32 gives float32, and 16-bit
@@ -30,7 +30,7 @@ import pytest
 import torch
 
 import cggr_fn
-from cggr_fn import models, testing
+from cggr_fn import distributed, models, testing
 
 PROPERTIES = ("dtype", "compile", "second_shape", "dynamic", "vmap", "vjp")
 FLOATS = (torch.float64, torch.float32, torch.bfloat16)
@@ -299,6 +299,18 @@ TABLE: dict[str, Entry] = {
         ),
         upcast16=False,
     ),
+    # cggr_fn.distributed with no process group: the one-process functions they reduce to.
+    "distributed.global_select": Entry(
+        lambda d, n: (lambda s: distributed.global_select(s, ratio=0.3, capacity_factor=2.0), (_scores(d, n),)),
+        skip={"vjp": NOT_DIFFERENTIABLE},
+    ),
+    "distributed.global_mean": Entry(
+        lambda d, n: (
+            lambda x, count: distributed.global_mean(x.sum(-1), count),
+            (_logits(d, n), torch.arange(SIZES[n][1])),
+        ),
+        upcast16=False,
+    ),
     "models.lm_loss": Entry(
         lambda d, n: (lambda x, labels, am: models.lm_loss(x, labels, attention_mask=am), (_logits(d, n), _targets(n), _targets(n) != 0)),
     ),
@@ -313,6 +325,10 @@ EXEMPT = {
     "HeadLoss": "a NamedTuple type (fused_head_loss returns it)",
     "bucket_capacity": "Python ints in, Python ints out (static sizes; tests/test_compaction.py)",
     "checking": "a context manager for eager debugging; it raises under compile by design (tests/test_bad_input.py)",
+    "distributed.LossModule": "a type (loss_module returns it)",
+    "distributed.loss_module": "builds a module for DDP/FSDP2 (tests/test_distributed.py)",
+    "distributed.state_dict": "restructures a pytree for torch.distributed.checkpoint; no tensor op (tests/test_distributed.py)",
+    "distributed.load_state_dict": "restructures a pytree for torch.distributed.checkpoint; no tensor op (tests/test_distributed.py)",
     "models.DepthRoutedForward": "a type (depth_routed_forward returns it)",
     "models.CGGRLoss": "a type (cggr_loss returns it)",
     "models.Routing": "a NamedTuple type (a CGGRLoss call returns it)",
@@ -383,7 +399,8 @@ def test_property(name: str, prop: str) -> None:
 
 
 def test_table_covers_the_public_api() -> None:
-    public = set(cggr_fn.__all__) | {f"models.{name}" for name in models.__all__}
+    public = (set(cggr_fn.__all__) | {f"models.{name}" for name in models.__all__}
+              | {f"distributed.{name}" for name in distributed.__all__})
     covered = {name.split("/")[0] for name in TABLE} | set(EXEMPT)
     assert public - covered == set(), f"public functions missing from TABLE (add an entry): {sorted(public - covered)}"
     assert covered - public == set(), f"TABLE or EXEMPT names that are not public: {sorted(covered - public)}"

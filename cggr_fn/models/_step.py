@@ -11,6 +11,7 @@ from cggr_fn import _checks
 from cggr_fn._bucketing import bucket_capacity, bucket_depth
 from cggr_fn._compaction import partition, to_partition_order
 from cggr_fn._curriculum import Step
+from cggr_fn._distributed import Group, check_group, check_unsharded, global_select, rank_capacity, rescale
 from cggr_fn._head import fused_linear_token_stats, fused_selective_loss
 from cggr_fn._loss import selective_loss
 from cggr_fn._ranking import capacity
@@ -24,6 +25,7 @@ from cggr_fn.models._router import TruncatedRouter, truncated_router
 from cggr_fn.models._wrappers import lm_targets
 
 SELECTIONS = ("topk", "priority", "random", "buckets")
+SCOPES = (None, "rank", "global")
 # Config fields of models whose logits are more than ``head(final hidden)``.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling")
 
@@ -53,8 +55,10 @@ class CGGRLoss:
 
     def __init__(self, model: nn.Module, *, selection: str, ratio: float, router_layers: int, method: ScoreMethod,
                  num_buckets: int, warmup_steps: int, capacity_step: int | None, trim: float, fused_head: bool,
-                 parts: ModelParts | None) -> None:
+                 parts: ModelParts | None, scope: str | None = None, capacity_factor: float = 2.0,
+                 group: Group = None) -> None:
         check_model(model)
+        check_unsharded(model)
         if selection not in SELECTIONS:
             raise ValueError(f"selection: expected one of {SELECTIONS}, got {selection!r}")
         _checks.check_fraction(ratio, "ratio", low_open=True)
@@ -65,12 +69,24 @@ class CGGRLoss:
         _checks.check_int(warmup_steps, "warmup_steps", minimum=0)
         if capacity_step is not None:
             _checks.check_int(capacity_step, "capacity_step", minimum=0)
+        if scope not in SCOPES:
+            raise ValueError(f"scope: expected one of {SCOPES}, got {scope!r}")
+        if scope == "global" and selection != "topk":
+            raise ValueError(f"scope: global selection ranks every rank's scores together, which selection='topk' "
+                             f"does; selection={selection!r} selects per rank (scope='rank')")
+        _checks.check_real(capacity_factor, "capacity_factor", minimum=1.0)
+        check_group(group)
+        if group is not None and scope is None:
+            raise ValueError("group: a loss with scope=None runs no collective; pass scope='rank' or 'global'")
         for field in _LOGIT_TRANSFORMS:
             value = getattr(getattr(model, "config", None), field, None)
             if value not in (None, 1, 1.0):
                 raise ValueError(f"model: its logits are transformed after the head ({field}={value}); "
                                  "cggr_loss computes the head itself and supports plain linear heads only")
         self.selection = selection
+        self.scope = scope
+        self.capacity_factor = float(capacity_factor)
+        self.group = group
         self.ratio = float(ratio)
         self.trim = float(trim)
         if not isinstance(fused_head, bool):
@@ -121,29 +137,38 @@ class CGGRLoss:
             hidden = self.forward.call_module(base, base_params, depth, (), kwargs, capacity=layer_capacity)[0]
             # Every labelled token trains the head: the mean over them is the model's own loss.
             loss = self._head_loss(params, hidden.reshape(n, hidden.shape[-1]), flat_targets, labelled, None, "selected")
-            return loss, Routing(depth, scores, labelled.reshape(targets.shape).to(scores.dtype))
+            return self._across(loss, labelled.sum()), Routing(depth, scores, labelled.reshape(targets.shape).to(scores.dtype))
         if self.selection == "priority":
             # Importance must be >= 0; -inf (no target) stays unsampleable.
             importance = torch.where(torch.isneginf(scores), scores, scores.clamp_min(0.0))
             mask, weights = priority_sample(importance, ratio=self.ratio, seed=step)
+        elif self.scope == "global":
+            mask = global_select(scores, ratio=self.ratio, capacity_factor=self.capacity_factor, group=self.group)
+            weights = mask.to(scores.dtype)
         else:
             mask = select(scores, ratio=self.ratio)
             weights = mask.to(scores.dtype)
         depth = torch.where(mask, self.num_layers, 0)
-        k = capacity(n, ratio=self.ratio)
+        k = (capacity(n, ratio=self.ratio) if self.scope != "global" else
+             rank_capacity(n, ratio=self.ratio, capacity_factor=self.capacity_factor, group=self.group))
         hidden = self.forward.call_module(base, base_params, depth, (), kwargs, capacity=k)[0]
         # Only the selected tokens reach the head: its forward and backward run on k rows.
         part = partition(mask, k)
         rows = to_partition_order(hidden.reshape(n, hidden.shape[-1]), part)[:k]
         routed_targets = flat_targets.index_select(0, part.routed)
         if self.selection != "priority":
-            return self._head_loss(params, rows, routed_targets, part.keep, None, "selected"), Routing(depth, scores, weights)
+            loss = self._head_loss(params, rows, routed_targets, part.keep, None, "selected")
+            return self._across(loss, (part.keep & (routed_targets != -100)).sum()), Routing(depth, scores, weights)
         # The unbiased estimate of the dense mean: sum(w * nll) over the sample / all labelled tokens
         # ("valid" divides by the labelled slots only; the factor makes it all labelled tokens).
         loss = self._head_loss(params, rows, routed_targets, part.keep, weights.reshape(n).index_select(0, part.routed),
                                "valid")
         share = labelled.index_select(0, part.routed).sum().to(loss.dtype) / labelled.sum().clamp_min(1).to(loss.dtype)
-        return loss * share, Routing(depth, scores, weights)
+        return self._across(loss * share, labelled.sum()), Routing(depth, scores, weights)
+
+    def _across(self, loss: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """A loss divided by this rank's ``count`` as its share of the global mean (``scope`` set)."""
+        return loss if self.scope is None else rescale(loss, count, self.group)
 
     def _head_loss(self, params: dict[str, torch.Tensor], rows: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                    weights: torch.Tensor | None, normalize: str) -> torch.Tensor:
@@ -226,6 +251,9 @@ def cggr_loss(
     trim: float = 0.0,
     fused_head: bool = False,
     parts: ModelParts | None = None,
+    scope: str | None = None,
+    capacity_factor: float = 2.0,
+    group: Group = None,
 ) -> CGGRLoss:
     """The CGGR language-model loss of a causal LM as one pure, compacted function.
 
@@ -277,6 +305,20 @@ def cggr_loss(
     ``6H`` for ``"buckets"``). Attention's backward stays whole (every query,
     2.5A), as the model's own attention kernel runs it.
 
+    Data parallelism (DistributedDataParallel, FSDP2; the module to wrap is
+    :func:`cggr_fn.distributed.loss_module`): with ``scope="rank"`` every rank
+    selects from its own tokens as above (equal, fixed work on every rank);
+    with ``scope="global"`` (``"topk"`` only) the ``k`` hardest of all ranks'
+    tokens together are selected (:func:`cggr_fn.distributed.global_select`:
+    exact, each rank within a fixed capacity of ``capacity_factor`` times its
+    share). Either way the loss is the rank's share of the *global* mean
+    (:func:`cggr_fn.distributed.global_mean`: the count it divides by is
+    summed over ranks, times the world size), so the gradients DDP and FSDP2
+    average are those of one process over the concatenated batch with the
+    same selection. A rank's loss value is not a mean; average it over
+    ranks to log it. Without an initialised process group, or with one
+    process, both scopes equal ``scope=None``.
+
     Args:
       model: a causal LM whose logits are ``head(final hidden)`` with a linear
         head (Llama, Mistral, Qwen2, GPT-2, ...).
@@ -292,6 +334,13 @@ def cggr_loss(
         formed chunk by chunk in the forward) instead of the head's logits
         and :func:`cggr_fn.selective_loss`. The same loss and gradients.
       parts: where the model's pieces are; detected if ``None``.
+      scope: data parallelism (see below): ``None`` (one process, no
+        collective), ``"rank"`` or ``"global"``.
+      capacity_factor: with ``scope="global"``, a rank's fixed capacity as a
+        multiple of its even share of the selected tokens, a float >= 1
+        (:func:`cggr_fn.distributed.global_select`).
+      group: the data-parallel process group for ``scope``; ``None``: the
+        default group.
 
     Returns:
       A :class:`CGGRLoss`.
@@ -311,4 +360,4 @@ def cggr_loss(
     """
     return CGGRLoss(model, selection=selection, ratio=ratio, router_layers=router_layers, method=method,
                     num_buckets=num_buckets, warmup_steps=warmup_steps, capacity_step=capacity_step, trim=trim,
-                    fused_head=fused_head, parts=parts)
+                    fused_head=fused_head, parts=parts, scope=scope, capacity_factor=capacity_factor, group=group)
