@@ -33,7 +33,8 @@ def world_size(group: Group = None) -> int:
     return torch.distributed.get_world_size(group) if _distributed() else 1
 
 
-def _rank(group: Group) -> int:
+def rank_index(group: Group = None) -> int:
+    """This process's rank in ``group`` (None: the default group); 0 when torch.distributed is not initialised."""
     return torch.distributed.get_rank(group) if _distributed() else 0
 
 
@@ -192,7 +193,7 @@ def global_select(
     if world == 1:
         return ((local_rank < capacity(n, ratio=ratio)) & selectable(flat)).reshape(scores.shape)
     everyone = _all_gather(flat, group)
-    mine = difficulty_rank(everyone).narrow(0, _rank(group) * n, n)
+    mine = difficulty_rank(everyone).narrow(0, rank_index(group) * n, n)
     # The chosen tokens of this rank are a prefix of its own order (the global
     # order restricted to a rank is its local order), so its capacity keeps the hardest.
     chosen = mine < capacity(world * n, ratio=ratio)

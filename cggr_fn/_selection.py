@@ -227,8 +227,8 @@ def _stratified_first_round(
     return index_in_stratum < share[stratum]
 
 
-def _position_hash(n: int, seed: Step, device: torch.device) -> torch.Tensor:
-    """A 32-bit hash of (position, seed), identical on every device.
+def _position_hash(n: int, seed: Step, device: torch.device, offset: int = 0) -> torch.Tensor:
+    """A 32-bit hash of (position, seed) for positions ``offset`` to ``offset + n - 1``, identical on every device.
 
     Integer arithmetic only (a multiply-xorshift mix with products below 2**63),
     so a draw depends on nothing but its inputs: pure, reproducible, and free
@@ -241,7 +241,7 @@ def _position_hash(n: int, seed: Step, device: torch.device) -> torch.Tensor:
     # Positions from a cumulative sum, not arange: Inductor turns
     # arange * constant into index arithmetic in int32 on CUDA, where the
     # multiplier does not fit (a Triton compile error at best, wraparound at worst).
-    positions = torch.ones(n, dtype=torch.int64, device=device).cumsum(0) - 1
+    positions = torch.ones(n, dtype=torch.int64, device=device).cumsum(0) + (offset - 1)
     h = (positions * 0x9E3779B1 + seed * 0x7FEB352D) & mask
     for multiplier, shift in ((0x2C1B3C6D, 16), (0x297A2D39, 15), (0x5BD1E995, 13)):
         h = ((h ^ (h >> shift)) * multiplier) & mask

@@ -182,6 +182,14 @@ def _scenarios(rank: int, workdir: Path) -> dict[str, Any]:
 
     run("selection", selection)
 
+    def random_tokens() -> dict[str, Any]:
+        model = _model()
+        loss_fn = cggr_loss(model, selection="random", ratio=0.25, router_layers=1, scope="rank")
+        params = {name: p.detach() for name, p in model.named_parameters()}
+        return {"depth": loss_fn(params, _batch(0)[0], 3)[1].depth}  # the same tokens on every rank
+
+    run("random", random_tokens)
+
     def resume() -> dict[str, Any]:
         checkpoint = str(workdir / "checkpoint")
         model, module, optimizer, router = _resume_setup(seed=0)
@@ -338,6 +346,17 @@ def test_global_select_is_exact_and_capped(results: list[dict[str, Any]]) -> Non
     assert ranks[1]["capped"].nonzero().flatten().tolist() == [7]
     # global_mean: (1 + 2) summed over ranks... each rank's share: total * 2 / (1 + 2); their mean is 3 / 3.
     torch.testing.assert_close(torch.stack([r["mean"] for r in ranks]), torch.tensor([2 / 3, 4 / 3]))
+
+
+def test_random_tokens_are_drawn_independently_on_each_rank(results: list[dict[str, Any]]) -> None:
+    """Each rank hashes its tokens' global positions: rank 0 draws as one process does, rank 1 elsewhere."""
+    ranks = _scenario(results, "random")
+    model = _model()
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    alone = cggr_loss(model, selection="random", ratio=0.25, router_layers=1)(params, _batch(0)[0], 3)[1].depth
+    assert torch.equal(ranks[0]["depth"], alone)
+    assert not torch.equal(ranks[1]["depth"], alone)
+    assert int((ranks[1]["depth"] > 0).sum()) == int((alone > 0).sum())
 
 
 def test_checkpoint_resume_gives_identical_next_step_gradients(results: list[dict[str, Any]]) -> None:

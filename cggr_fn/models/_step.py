@@ -11,7 +11,7 @@ from cggr_fn import _checks
 from cggr_fn._bucketing import bucket_capacity, bucket_depth
 from cggr_fn._compaction import partition, to_partition_order
 from cggr_fn._curriculum import Step
-from cggr_fn._distributed import Group, check_group, check_unsharded, global_select, rank_capacity, rescale
+from cggr_fn._distributed import Group, check_group, check_unsharded, global_select, rank_capacity, rank_index, rescale
 from cggr_fn._head import fused_linear_token_stats, fused_selective_loss
 from cggr_fn._loss import selective_loss
 from cggr_fn._ranking import capacity
@@ -183,7 +183,11 @@ class CGGRLoss:
                 targets: torch.Tensor, step: Step, reference: torch.Tensor | None) -> torch.Tensor:
         if self.router is None:
             # Uniform draws from a hash of (position, step): pure, the same on every device.
-            draws = _position_hash(targets.numel(), step, targets.device).reshape(targets.shape).float()
+            # Under data parallelism a rank hashes its tokens' global positions
+            # (rank-major), so ranks draw independently.
+            n = targets.numel()
+            offset = rank_index(self.group) * n if self.scope is not None else 0
+            draws = _position_hash(n, step, targets.device, offset).reshape(targets.shape).float()
             return torch.where(targets != -100, draws, float("-inf"))
         base = self.router.module.get_submodule(self._base)
         with torch.no_grad():
