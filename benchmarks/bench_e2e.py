@@ -47,6 +47,7 @@ import torch.nn.functional as F
 import transformers
 
 import cggr_fn
+from _provenance import source_commit
 from cggr_fn.models import cggr_loss, hardest_sequence_loss, lm_loss, truncated_router
 
 MODELS = {
@@ -306,7 +307,8 @@ def run(name: str, iters: int, cudagraphs: bool, modes: list[str] | None, partia
 def environment() -> dict:
     import triton
 
-    return {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+    return {"device": torch.cuda.get_device_name(), "commit": source_commit(), "torch": torch.__version__,
+            "triton": triton.__version__,
             "transformers": transformers.__version__, "cggr_fn": cggr_fn.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
 
