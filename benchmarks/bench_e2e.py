@@ -30,7 +30,7 @@ adds ``mode="reduce-overhead"`` on every side). Modes:
 
 ``flop_model_speedup`` is dense's FLOPs over the mode's by the FLOP model of
 :func:`cggr_fn.models.cggr_loss` (matmul FLOPs; attention counted causal).
-Each CGGR row carries a profiler summary (the top CUDA kernels of one step).
+Every row carries a profiler summary of one step (kernel time by kind, the top kernels).
 """
 
 from __future__ import annotations
@@ -253,23 +253,7 @@ def run(name: str, iters: int, cudagraphs: bool, modes: list[str] | None, partia
 
         t0 = time.perf_counter()
         try:
-            try:
-                ms, times, peak = time_step(step_fn, params, ids, step, iters)
-            except Exception as error:
-                if "Subproc" not in type(error).__name__ + str(error):
-                    raise
-                # A crash in Inductor's compile workers: compile again in this
-                # process (same kernels, slower to build; a real traceback if it fails).
-                print(mode, "compile worker failed; compiling in process:", str(error)[:500], flush=True)
-                torch._dynamo.reset()
-                compiled = torch.compile(loss_fn, fullgraph=mode != "dense_liger",
-                                         mode="reduce-overhead" if cudagraphs else None)
-
-                def step_fn(p, x, s, compiled=compiled):
-                    return torch.autograd.grad(compiled(p, x, s), plist)
-
-                with torch._inductor.config.patch(compile_threads=1):
-                    ms, times, peak = time_step(step_fn, params, ids, step, iters)
+            ms, times, peak = time_step(step_fn, params, ids, step, iters)
         except Exception as error:  # a failing mode is reported, not hidden
             result["rows"].append({"model": name, "mode": mode, "error": f"{type(error).__name__}: {error}"[:2000]})
             print(mode, "FAILED", error, flush=True)
@@ -308,8 +292,7 @@ def environment() -> dict:
     import triton
 
     return {"device": torch.cuda.get_device_name(), "commit": source_commit(), "torch": torch.__version__,
-            "triton": triton.__version__,
-            "transformers": transformers.__version__, "cggr_fn": cggr_fn.__version__,
+            "triton": triton.__version__, "transformers": transformers.__version__, "cggr_fn": cggr_fn.__version__,
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
 
 
@@ -332,8 +315,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not args.model:
         parser.error("--model is required unless --merge is given")
-    result = {"environment": environment(), "run": run(args.model, args.iters, args.cudagraphs, args.modes, args.out + ".partial",
-                                                           args.capture_check)}
+    run_result = run(args.model, args.iters, args.cudagraphs, args.modes, args.out + ".partial", args.capture_check)
+    result = {"environment": environment(), "run": run_result}
     with open(args.out, "w") as handle:
         json.dump(result, handle, indent=1)
     print(json.dumps({r["mode"]: r.get("speedup_vs_dense") for r in result["run"]["rows"]}), flush=True)

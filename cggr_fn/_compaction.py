@@ -34,18 +34,17 @@ class Partition(NamedTuple):
     """A static split of the flattened rows of a mask; see :func:`partition`.
 
     Attributes:
-      routed: int64 ``(capacity,)`` row indices that run with autograd.
+      order: int64 ``(rows,)`` row indices, the routed rows first: the first
+        ``capacity`` run with autograd, the rest without.
+      place: int64 ``(rows,)``, where each row sits in ``order`` (its inverse permutation).
+      routed: int64 ``(capacity,)``, ``order[:capacity]``.
       keep: bool ``(capacity,)``, the mask at ``routed`` (false at padding rows).
-      rest: int64 ``(rows - capacity,)`` row indices that run without autograd.
-      place: int64 ``(rows,)``, where each row sits in ``order``.
-      order: int64 ``(rows,)``, ``cat([routed, rest])``: the inverse permutation of ``place``.
     """
 
+    order: torch.Tensor
+    place: torch.Tensor
     routed: torch.Tensor
     keep: torch.Tensor
-    rest: torch.Tensor
-    place: torch.Tensor
-    order: torch.Tensor
 
 
 def partition(mask: torch.Tensor, capacity: int) -> Partition:
@@ -63,7 +62,7 @@ def partition(mask: torch.Tensor, capacity: int) -> Partition:
     place = torch.where(flat, trues - 1, count + falses - 1)
     order = torch.zeros_like(place).scatter(0, place, torch.arange(n, device=mask.device))
     routed = order[:capacity]
-    return Partition(routed, flat.index_select(0, routed), order[capacity:], place, order)
+    return Partition(order, place, routed, flat.index_select(0, routed))
 
 
 # Rows move by index_copy, never index_select: both are permutations, but the
