@@ -81,13 +81,18 @@ def flop_model(mode: str, f: dict[str, float]) -> float:
     if mode.startswith("sequences"):
         r = float(mode.split("_")[1])
         return SEQUENCE_ROUTER_LAYERS * (2 * P + A) + 2 * H + r * dense
+    def layer(r: float) -> float:
+        # Linears: forward on all tokens, backward on the routed; attention:
+        # forward on all queries, then forward and backward on the routed again.
+        return 2 * P + A + 4 * r * P + r * A + 2.5 * r * A
+
     router = 0.0 if mode.startswith("random") else ROUTER_LAYERS * (2 * P + A) + 2 * H
     if mode.startswith("buckets"):
         shares = [(b + 1) / 4 for b in range(4)]  # layers in each quarter are trained by 25/50/75/100% of tokens
-        trunk = sum(L / 4 * (2 * P + A + 4 * r * P + 2.5 * A) for r in shares)
+        trunk = sum(L / 4 * layer(r) for r in shares)
         return router + trunk + 6 * H
     r = float(mode.split("_")[1])
-    return router + L * (2 * P + A + 4 * r * P + 2.5 * A) + 6 * r * H
+    return router + L * layer(r) + 6 * r * H
 
 
 def build(name: str) -> tuple[torch.nn.Module, torch.Tensor]:

@@ -4,8 +4,8 @@ Gating rows with :func:`cggr_fn.route_grad` decides which rows train but saves
 nothing: the backward still multiplies every row, zeros included. Compaction
 makes the backward cost scale with the routed rows. The rows are split by a
 fixed ``capacity`` (a static size, so shapes never depend on the data): the
-first ``capacity`` rows of a stable partition (the mask's true rows in order,
-then false rows to fill) run with autograd, the others under ``torch.no_grad``.
+mask's true rows, and as many of the first false rows as fill the capacity,
+run with autograd in row order; the others run under ``torch.no_grad``.
 Padding rows (false rows taken to fill the capacity) are gated exactly as
 :func:`route_grad` gates them, so the gradients equal the masking version's
 whenever the mask holds at most ``capacity`` true rows.
@@ -35,7 +35,8 @@ class Partition(NamedTuple):
 
     Attributes:
       order: int64 ``(rows,)`` row indices, the routed rows first: the first
-        ``capacity`` run with autograd, the rest without.
+        ``capacity`` run with autograd, the rest without; each part in row
+        order (attention over the routed queries relies on it).
       place: int64 ``(rows,)``, where each row sits in ``order`` (its inverse permutation).
       routed: int64 ``(capacity,)``, ``order[:capacity]``.
       keep: bool ``(capacity,)``, the mask at ``routed`` (false at padding rows).
@@ -50,16 +51,21 @@ class Partition(NamedTuple):
 def partition(mask: torch.Tensor, capacity: int) -> Partition:
     """Split the rows of ``mask`` (flattened) into ``capacity`` routed rows and the rest.
 
-    Linear time and sync-free: each row's place in the stable partition (true
-    rows first, in order) comes from two cumulative sums, and the order is
-    their inverse by one scatter of a permutation.
+    The routed rows are the true rows, filled up to ``capacity`` with the
+    first false rows (padding), all in row order; true rows beyond the
+    capacity go to the rest. Linear time and sync-free: each row's place
+    comes from cumulative sums, and the order is their inverse by one scatter
+    of a permutation.
     """
     flat = mask.reshape(-1)
     n = flat.numel()
     trues = torch.cumsum(flat, 0)
-    falses = torch.cumsum(~flat, 0)
-    count = trues[-1:] if n else trues.new_zeros(1)
-    place = torch.where(flat, trues - 1, count + falses - 1)
+    padding = capacity - (trues[-1:] if n else trues.new_zeros(1))
+    routed_rows = torch.where(flat, trues <= capacity, torch.cumsum(~flat, 0) <= padding)
+    ins = torch.cumsum(routed_rows, 0)
+    outs = torch.cumsum(~routed_rows, 0)
+    count = ins[-1:] if n else ins.new_zeros(1)
+    place = torch.where(routed_rows, ins - 1, count + outs - 1)
     order = torch.zeros_like(place).scatter(0, place, torch.arange(n, device=mask.device))
     routed = order[:capacity]
     return Partition(order, place, routed, flat.index_select(0, routed))

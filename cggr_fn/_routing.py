@@ -80,9 +80,9 @@ def route_grad(fn: F, mask: torch.Tensor, *, leak: float = 0.0, capacity: int | 
     (compacted execution): ``fn`` must then be token-wise (row ``i`` of every
     output depends only on row ``i`` of the tensor arguments whose leading
     dims are ``mask``'s shape; other arguments, such as weights, are passed
-    whole). The first ``capacity`` rows of a stable partition (the true rows
-    in order, then false rows to fill) run with autograd, the others under
-    ``torch.no_grad``, and the outputs are put back in order. Shapes are
+    whole). The true rows, and as many of the first false rows as fill the
+    capacity, run with autograd, the others under ``torch.no_grad``, and the
+    outputs are put back in order. Shapes are
     static (``capacity`` is an int), nothing synchronises, and the gradients
     are exactly those of the masking version as long as ``mask`` holds at
     most ``capacity`` true rows -- e.g. ``capacity(n, ratio=r)`` for a mask

@@ -238,11 +238,11 @@ def _position_hash(n: int, seed: Step, device: torch.device, offset: int = 0) ->
     # A Python seed stays a Python int (no host-to-device copy); a tensor seed
     # may live on any device as a 0-d scalar.
     seed = seed.long() & mask if isinstance(seed, torch.Tensor) else seed & mask
-    # Positions from a cumulative sum, not arange: Inductor turns
-    # arange * constant into index arithmetic in int32 on CUDA, where the
-    # multiplier does not fit (a Triton compile error at best, wraparound at worst).
-    positions = torch.ones(n, dtype=torch.int64, device=device).cumsum(0) + (offset - 1)
-    h = (positions * 0x9E3779B1 + seed * 0x7FEB352D) & mask
+    positions = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
+    # Inductor turns positions * constant into 32-bit index arithmetic on
+    # CUDA, where 0x9E3779B1 does not fit; the same multiplier minus 2**32
+    # does, and only the low 32 bits are kept, which wraparound leaves exact.
+    h = (positions * (0x9E3779B1 - 2**32) + seed * 0x7FEB352D) & mask
     for multiplier, shift in ((0x2C1B3C6D, 16), (0x297A2D39, 15), (0x5BD1E995, 13)):
         h = ((h ^ (h >> shift)) * multiplier) & mask
     return h ^ (h >> 16)

@@ -81,15 +81,16 @@ def test_unrouted_rows_run_without_autograd() -> None:
     assert torch.equal(x.grad[:, 0], mask.double().float() * 2)
 
 
-def test_partition_is_a_stable_split() -> None:
+def test_partition_routes_true_rows_then_first_false_rows_in_row_order() -> None:
     g = torch.Generator().manual_seed(0)
-    for n, capacity in [(1, 1), (9, 0), (9, 4), (9, 9), (64, 20)]:
+    for n, capacity in [(1, 1), (9, 0), (9, 4), (9, 9), (64, 20), (64, 5)]:
         mask = torch.rand(n, generator=g) < 0.3
         part = partition(mask, capacity)
         trues, falses = torch.arange(n)[mask], torch.arange(n)[~mask]
-        order = torch.cat([trues, falses])
-        assert torch.equal(part.order, order)
-        assert torch.equal(part.routed, order[:capacity])
+        routed = torch.cat([trues, falses[: max(capacity - len(trues), 0)]]).sort().values[:capacity]
+        rest = torch.tensor(sorted(set(range(n)) - set(routed.tolist())), dtype=torch.long)
+        assert torch.equal(part.routed, routed)
+        assert torch.equal(part.order, torch.cat([routed, rest]))
         assert torch.equal(part.keep, mask[part.routed])
         assert torch.equal(part.order[part.place], torch.arange(n))
 

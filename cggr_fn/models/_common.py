@@ -41,3 +41,10 @@ def default_kwargs(model: nn.Module) -> dict[str, Any]:
     """
     accepts = inspect.signature(model.forward).parameters
     return {"use_cache": False} if "use_cache" in accepts else {}
+
+
+def inside_torch_func() -> bool:
+    """Whether the call runs inside a ``torch.func`` transform (grad, vjp, vmap, ...), outside compilation."""
+    # torch.func has no public query; this is the stack its transforms push.
+    # Dynamo cannot evaluate it while tracing, so compiled code answers False.
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None

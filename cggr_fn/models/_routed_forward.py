@@ -14,7 +14,8 @@ from torch.nn.utils.stateless import _reparametrize_module
 from cggr_fn import _checks
 from cggr_fn._compaction import Partition, call_compacted, check_capacity, partition
 from cggr_fn._routing import depth_masks, gate
-from cggr_fn.models._common import check_model, default_kwargs, select_tensors, tensor_names
+from cggr_fn.models import _routed_attention
+from cggr_fn.models._common import check_model, default_kwargs, inside_torch_func, select_tensors, tensor_names
 from cggr_fn.models._detect import ModelParts, resolve_parts
 from cggr_fn.models._view import follower_class, follower_copy, path_view, source_of
 
@@ -170,35 +171,46 @@ def _token_wise_paths(layer: nn.Module) -> list[str]:
     return paths
 
 
-def _route_token_wise(layer: nn.Module, gates: _Gates, point: int) -> None:
+def _own_copy(layer: nn.Module, path: str, copied: set[int]) -> nn.Module:
+    """The module at ``path`` in the layer's view, follower-copied (with its ancestors) so the view may change it."""
+    node = layer
+    for name in path.split("."):
+        child = node._modules[name]
+        if id(child) not in copied:
+            child = follower_copy(child)
+            node._modules[name] = child
+            copied.add(id(child))
+        node = child
+    return node
+
+
+def _route_token_wise(layer: nn.Module, gates: _Gates, point: int, copied: set[int]) -> None:
     """Swap (inside the layer's view) each token-wise module for a routed follower copy."""
-    copied: set[int] = {id(layer)}
     for path in _token_wise_paths(layer):
-        node = layer
-        names = path.split(".")
-        for name in names[:-1]:
-            child = node._modules[name]
-            if id(child) not in copied:
-                child = follower_copy(child)
-                node._modules[name] = child
-                copied.add(id(child))
-            node = child
-        original = node._modules[names[-1]]
+        parent_path, _, name = path.rpartition(".")
+        parent = _own_copy(layer, parent_path, copied) if parent_path else layer
+        original = parent._modules[name]
         routed = follower_copy(original, follower_class(type(original), _TOKEN_WISE))
         routed.__dict__["_cggr_gates"] = gates
         routed.__dict__["_cggr_point"] = point
-        node._modules[names[-1]] = routed
+        parent._modules[name] = routed
+        copied.add(id(routed))
+
+
+def _route_attention(layer: nn.Module, gates: _Gates, point: int, copied: set[int]) -> None:
+    """Point (inside the layer's view) each attention module at the routed attention."""
+    paths = [name for name, module in layer.named_modules() if name and _routed_attention.routable(module)]
+    if paths:
+        _routed_attention.register()
+    for path in paths:
+        attention = _own_copy(layer, path, copied)
+        attention.__dict__["config"] = _routed_attention.RoutedAttentionConfig(attention.config)
+        attention.__dict__["_cggr_gates"] = gates
+        attention.__dict__["_cggr_point"] = point
 
 
 def _checkpointing(layer: nn.Module) -> bool:
     return bool(getattr(layer, "gradient_checkpointing", False)) and layer.training
-
-
-def _inside_torch_func() -> bool:
-    # torch.func has no public query; this is the stack its transforms push.
-    # Dynamo cannot evaluate it while tracing; a compiled torch.func transform
-    # over a checkpointed call fails in PyTorch's own compilation instead.
-    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
 class DepthRoutedForward:
@@ -237,7 +249,7 @@ class DepthRoutedForward:
         """
         masks = depth_masks(depth, num_layers=self.num_layers)
         partitions = self._partitions(masks, capacity)
-        if any(_checkpointing(layer) for layer in self._layers) and _inside_torch_func():
+        if any(_checkpointing(layer) for layer in self._layers) and inside_torch_func():
             # PyTorch's checkpoint cannot run inside torch.func transforms (its
             # saved-tensor hooks and its reentrant autograd.Function are refused).
             raise RuntimeError(
@@ -346,7 +358,9 @@ def depth_routed_forward(model: nn.Module, *, parts: ModelParts | None = None, l
         layer = follower_copy(original, follower_class(type(original), _GATED_LAYER))
         layer.__dict__["_cggr_gates"] = gates
         layer.__dict__["_cggr_point"] = index + 1
-        _route_token_wise(layer, gates, index + 1)
+        copied = {id(layer)}
+        _route_token_wise(layer, gates, index + 1, copied)
+        _route_attention(layer, gates, index + 1, copied)
         stack._modules[name] = layer
         layers.append(layer)
     return DepthRoutedForward(view, layers, parts, float(leak), gates, default_kwargs(model))

@@ -305,9 +305,12 @@ def cggr_loss(
     attention FLOPs forward, ``L`` layers, ``H`` = head parameters, ``K`` =
     ``router_layers``, ``r`` = the share of tokens a layer trains):
     dense is ``L (6P + 3.5A) + 6H``; routed is ``K (2P + A) + 2H`` (router)
-    ``+ L (2P + A + 4 r P + 2.5A) + 6 r H`` (head on the selected tokens;
-    ``6H`` for ``"buckets"``). Attention's backward stays whole (every query,
-    2.5A), as the model's own attention kernel runs it.
+    ``+ L (2P + A + 4 r P + 3.5 r A) + 6 r H`` (head on the selected tokens;
+    ``6H`` for ``"buckets"``). Attention runs forward over every query
+    without autograd, then forward and backward over the routed queries
+    again (``3.5 r A``; the model's own kernel runs it whole, ``3.5A``, where
+    it cannot be routed: dropout, ``torch.func`` on the GPU, implementations
+    other than ``"sdpa"`` and ``"eager"``).
 
     Data parallelism (DistributedDataParallel, FSDP2; the module to wrap is
     :func:`cggr_fn.distributed.loss_module`): with ``scope="rank"`` every rank
