@@ -81,10 +81,13 @@ def flop_model(mode: str, f: dict[str, float]) -> float:
     if mode.startswith("sequences"):
         r = float(mode.split("_")[1])
         return SEQUENCE_ROUTER_LAYERS * (2 * P + A) + 2 * H + r * dense
+    whole_attention = mode.endswith("whole_attention")
+
     def layer(r: float) -> float:
-        # Linears: forward on all tokens, backward on the routed; attention:
-        # forward on all queries, then forward and backward on the routed again.
-        return 2 * P + A + 4 * r * P + r * A + 2.5 * r * A
+        # Linears: forward on every token, backward on the routed. Attention:
+        # forward on every query, then forward and backward on the routed
+        # again (3.5rA), or its backward on every query (2.5A) when whole.
+        return 2 * P + A + 4 * r * P + (2.5 * A if whole_attention else 3.5 * r * A)
 
     router = 0.0 if mode.startswith("random") else ROUTER_LAYERS * (2 * P + A) + 2 * H
     if mode.startswith("buckets"):
@@ -139,6 +142,7 @@ def loss_fns(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, callable]:
 
     fns["selective_0.25"] = routed(selection="topk", ratio=0.25)
     fns["selective_0.25_fused"] = routed(selection="topk", ratio=0.25, fused_head=True)
+    fns["selective_0.25_whole_attention"] = routed(selection="topk", ratio=0.25, route_attention=False)
     fns["selective_0.5"] = routed(selection="topk", ratio=0.5)
     fns["priority_0.25"] = routed(selection="priority", ratio=0.25, method="grad_norm")
     fns["random_0.25"] = routed(selection="random", ratio=0.25)

@@ -227,6 +227,14 @@ def _stratified_first_round(
     return index_in_stratum < share[stratum]
 
 
+_GOLDEN, _SEED_MIX = 0x9E3779B1, 0x7FEB352D
+
+
+def _signed32(value: int) -> int:
+    """``value`` modulo 2**32, in ``[-2**31, 2**31)``."""
+    return (value + 2**31) % 2**32 - 2**31
+
+
 def _position_hash(n: int, seed: Step, device: torch.device, offset: int = 0) -> torch.Tensor:
     """A 32-bit hash of (position, seed) for positions ``offset`` to ``offset + n - 1``, identical on every device.
 
@@ -235,14 +243,16 @@ def _position_hash(n: int, seed: Step, device: torch.device, offset: int = 0) ->
     of generator state that would break ``torch.compile``.
     """
     mask = 0xFFFFFFFF
-    # A Python seed stays a Python int (no host-to-device copy); a tensor seed
-    # may live on any device as a 0-d scalar.
-    seed = seed.long() & mask if isinstance(seed, torch.Tensor) else seed & mask
-    positions = torch.arange(offset, offset + n, dtype=torch.int64, device=device)
-    # Inductor turns positions * constant into 32-bit index arithmetic on
-    # CUDA, where 0x9E3779B1 does not fit; the same multiplier minus 2**32
-    # does, and only the low 32 bits are kept, which wraparound leaves exact.
-    h = (positions * (0x9E3779B1 - 2**32) + seed * 0x7FEB352D) & mask
+    # Inductor folds positions * constant + constant into 32-bit index
+    # arithmetic on CUDA, where a constant of 2**31 or more does not compile.
+    # Only the low 32 bits are kept, so every constant can be taken modulo
+    # 2**32 into the signed 32-bit range, and wraparound leaves the result exact.
+    constant = offset * _GOLDEN
+    if isinstance(seed, torch.Tensor):
+        seed_term = (seed.long() & mask) * _SEED_MIX  # a 0-d tensor on any device: data, not a constant
+    else:
+        seed_term, constant = 0, constant + (seed & mask) * _SEED_MIX
+    h = (torch.arange(n, dtype=torch.int64, device=device) * _signed32(_GOLDEN) + _signed32(constant) + seed_term) & mask
     for multiplier, shift in ((0x2C1B3C6D, 16), (0x297A2D39, 15), (0x5BD1E995, 13)):
         h = ((h ^ (h >> shift)) * multiplier) & mask
     return h ^ (h >> 16)

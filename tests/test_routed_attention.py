@@ -199,3 +199,24 @@ def test_the_views_attention_config_reads_through_and_refuses_writes() -> None:
     assert attention.config.attention_dropout == 0.25
     with pytest.raises(AttributeError, match="set it on model.config"):
         attention.config.attention_dropout = 0.0
+
+
+def test_route_attention_false_runs_attention_whole_with_the_same_gradients(monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = MODELS["llama_sdpa"]().double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    ids, attention_mask = _batch(True)
+    calls = _spy(monkeypatch)
+
+    def grads(route_attention: bool) -> dict[str, torch.Tensor]:
+        loss_fn = cggr_loss(model, ratio=0.25, router_layers=1, route_attention=route_attention)
+        return torch.func.grad(lambda p: loss_fn(p, ids, 3, attention_mask=attention_mask)[0])(params)
+
+    whole = grads(False)
+    assert calls == []
+    routed = grads(True)
+    assert len(calls) == 3
+    for key in whole:
+        torch.testing.assert_close(routed[key], whole[key], rtol=1e-10, atol=1e-12, msg=key)
+    with pytest.raises(TypeError, match="route_attention: expected a bool"):
+        cggr_loss(model, route_attention="yes")

@@ -94,3 +94,22 @@ def test_bad_input():
         cggr_fn.priority_sample(torch.ones(4), ratio=0.0)
     with cggr_fn.checking(), pytest.raises(ValueError, match="importance: expected values >= 0"):
         cggr_fn.priority_sample(torch.tensor([1.0, -0.5]), ratio=0.5)
+
+
+def test_position_hash_is_the_64_bit_formula_with_constants_that_fit_32_bit_indexing() -> None:
+    """The hash equals its plain int64 definition for any offset and seed, though every constant it
+    multiplies or adds to positions is taken into the signed 32-bit range (CUDA index arithmetic)."""
+    from cggr_fn._selection import _position_hash
+
+    def definition(n: int, seed: int, offset: int) -> torch.Tensor:
+        h = (torch.arange(offset, offset + n, dtype=torch.int64) * 0x9E3779B1 + (seed & 0xFFFFFFFF) * 0x7FEB352D)
+        h = h & 0xFFFFFFFF
+        for multiplier, shift in ((0x2C1B3C6D, 16), (0x297A2D39, 15), (0x5BD1E995, 13)):
+            h = ((h ^ (h >> shift)) * multiplier) & 0xFFFFFFFF
+        return h ^ (h >> 16)
+
+    for offset in (0, 3, 3 * 16384, 2**31 - 100, 2**40 + 7):
+        for seed in (0, 7, 2**33 + 5):
+            want = definition(500, seed, offset)
+            assert torch.equal(_position_hash(500, seed, torch.device("cpu"), offset), want)
+            assert torch.equal(_position_hash(500, torch.tensor(seed), torch.device("cpu"), offset), want)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -157,20 +157,41 @@ def attend_routed(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, p
     return reference_routed(q, k, v, part.routed, seq=seq, causal=causal, mask=mask, scale=scale)
 
 
-def _allowed(rows: torch.Tensor, keys: torch.Tensor, seq: int, causal: bool, mask: torch.Tensor | None) -> torch.Tensor:
-    """Whether query row ``rows`` (flat token index) may attend to flat key ``keys`` (broadcasting)."""
-    allowed = (keys // seq) == (rows // seq)
-    if causal:
-        allowed = allowed & (keys <= rows)
+class _Queries(NamedTuple):
+    """Int32 coordinates of routed queries: flat row, flat row of their sequence's first token, sequence, position.
+
+    Computed once per call, so the mask evaluated for every (query, key)
+    pair inside the attention kernel needs no integer division.
+    """
+
+    row: torch.Tensor
+    start: torch.Tensor
+    sequence: torch.Tensor
+    position: torch.Tensor
+
+    def at(self, index: torch.Tensor) -> _Queries:
+        return _Queries(*(t[index] for t in self))
+
+
+def _queries(routed: torch.Tensor, seq: int) -> _Queries:
+    row = routed.to(torch.int32)
+    sequence = row // seq
+    position = row - sequence * seq
+    return _Queries(row, row - position, sequence, position)
+
+
+def _allowed(q: _Queries, keys: torch.Tensor, seq: int, causal: bool, mask: torch.Tensor | None) -> torch.Tensor:
+    """Whether queries ``q`` may attend to flat keys ``keys`` (broadcasting): their own sequence, the mask."""
+    allowed = (keys >= q.start) & ((keys <= q.row) if causal else (keys < q.start + seq))
     if mask is not None and mask.dtype == torch.bool:
-        allowed = allowed & _mask_at(mask, rows, keys, seq)
+        allowed = allowed & _mask_at(mask, q, keys, seq)
     return allowed
 
 
-def _mask_at(mask: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor, seq: int) -> torch.Tensor:
+def _mask_at(mask: torch.Tensor, q: _Queries, keys: torch.Tensor, seq: int) -> torch.Tensor:
     # Out-of-sequence pairs are excluded by _allowed; clamp keeps their lookups in range.
-    sequence = rows // seq if mask.shape[0] > 1 else torch.zeros_like(rows)
-    return mask[sequence, 0, rows % seq, (keys - (rows // seq) * seq).clamp(0, seq - 1)]
+    sequence = q.sequence if mask.shape[0] > 1 else torch.zeros_like(q.sequence)
+    return mask[sequence, 0, q.position, (keys - q.start).clamp(0, seq - 1)]
 
 
 def reference_routed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routed: torch.Tensor, *, seq: int,
@@ -180,12 +201,11 @@ def reference_routed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routed: 
     ``q`` is ``(capacity, heads, dim)`` (the routed queries in order), ``k``,
     ``v`` ``(tokens, kv_heads, dim)``; memory grows with capacity x tokens.
     """
-    n = k.shape[0]
-    rows = routed[:, None]
-    keys = torch.arange(n, device=q.device)[None, :]
-    allowed = _allowed(rows, keys, seq, causal, mask)
+    queries = _Queries(*(t[:, None] for t in _queries(routed, seq)))
+    keys = torch.arange(k.shape[0], device=q.device, dtype=torch.int32)[None, :]
+    allowed = _allowed(queries, keys, seq, causal, mask)
     if mask is not None and mask.dtype != torch.bool:
-        bias = torch.where(allowed, _mask_at(mask, rows, keys, seq).to(q.dtype), float("-inf"))
+        bias = torch.where(allowed, _mask_at(mask, queries, keys, seq).to(q.dtype), float("-inf"))
     else:
         bias = allowed
     out = nn.functional.scaled_dot_product_attention(
@@ -225,8 +245,10 @@ def block_mask(routed: torch.Tensor, *, tokens: int, seq: int, causal: bool, mas
     partial = torch.where(j < below, low[:, None] + j, low[:, None] + j + full_count[:, None]).clamp(max=kv_blocks - 1)
     full = (full_low[:, None] + j).clamp(max=kv_blocks - 1)
 
+    queries = _queries(routed, seq)
+
     def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        return _allowed(routed[q_idx], kv_idx, seq, causal, mask)
+        return _allowed(queries.at(q_idx), kv_idx, seq, causal, mask)
 
     def as_index(t: torch.Tensor) -> torch.Tensor:
         return t.to(torch.int32)[None, None]
@@ -243,9 +265,11 @@ def flex_routed(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, routed: torch
     blocks = block_mask(routed, tokens=k.shape[0], seq=seq, causal=causal, mask=mask)
     score_mod = None
     if mask is not None and mask.dtype != torch.bool:
+        queries = _queries(routed, seq)
+
         def score_mod(score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor,
                       kv_idx: torch.Tensor) -> torch.Tensor:
-            return score + _mask_at(mask, routed[q_idx], kv_idx, seq).to(score.dtype)
+            return score + _mask_at(mask, queries.at(q_idx), kv_idx, seq).to(score.dtype)
 
     out = (flex or flex_attention)(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                                    score_mod=score_mod, block_mask=blocks, scale=scale,

@@ -286,7 +286,8 @@ class DepthRoutedForward:
         return f"DepthRoutedForward({type(self.module).__name__}, num_layers={self.num_layers}, leak={self.leak})"
 
 
-def depth_routed_forward(model: nn.Module, *, parts: ModelParts | None = None, leak: float = 0.0) -> DepthRoutedForward:
+def depth_routed_forward(model: nn.Module, *, parts: ModelParts | None = None, leak: float = 0.0,
+                         route_attention: bool = True) -> DepthRoutedForward:
     """The model's forward with per-token gradient depth, as a stateless function of its parameters.
 
     Replaces the seed's ``CGGRWrapper`` (backward hooks on the model plus a
@@ -327,6 +328,10 @@ def depth_routed_forward(model: nn.Module, *, parts: ModelParts | None = None, l
       model: a model whose forward runs the layer stack, e.g. ``LlamaForCausalLM``.
       parts: where the model's pieces are; detected (:func:`detect_parts`) if ``None``.
       leak: gradient scale where a gate is closed, in ``[0, 1]``.
+      route_attention: in compacted layers (``capacity``), run attention's
+        backward over the routed queries only (FlexAttention on the GPU; see
+        :func:`cggr_fn.models.cggr_loss`'s FLOP model); ``False`` runs every
+        layer's attention whole (the same gradients).
 
     Returns:
       A :class:`DepthRoutedForward`; ``depth`` is an integer tensor in
@@ -350,6 +355,8 @@ def depth_routed_forward(model: nn.Module, *, parts: ModelParts | None = None, l
     check_model(model)
     parts = resolve_parts(model, parts)
     _checks.check_fraction(leak, "leak")
+    if not isinstance(route_attention, bool):
+        raise TypeError(f"route_attention: expected a bool, got {type(route_attention).__name__}")
     view, stack = path_view(model, parts.layers)
     gates = _Gates(float(leak))
     layers = []
@@ -360,7 +367,8 @@ def depth_routed_forward(model: nn.Module, *, parts: ModelParts | None = None, l
         layer.__dict__["_cggr_point"] = index + 1
         copied = {id(layer)}
         _route_token_wise(layer, gates, index + 1, copied)
-        _route_attention(layer, gates, index + 1, copied)
+        if route_attention:
+            _route_attention(layer, gates, index + 1, copied)
         stack._modules[name] = layer
         layers.append(layer)
     return DepthRoutedForward(view, layers, parts, float(leak), gates, default_kwargs(model))

@@ -55,7 +55,7 @@ class CGGRLoss:
 
     def __init__(self, model: nn.Module, *, selection: str, ratio: float, router_layers: int, method: ScoreMethod,
                  num_buckets: int, warmup_steps: int, capacity_step: int | None, trim: float, fused_head: bool,
-                 parts: ModelParts | None, scope: str | None = None, capacity_factor: float = 2.0,
+                 route_attention: bool, parts: ModelParts | None, scope: str | None = None, capacity_factor: float = 2.0,
                  group: Group = None) -> None:
         check_model(model)
         check_unsharded(model)
@@ -96,7 +96,7 @@ class CGGRLoss:
         self.num_buckets = num_buckets
         self.warmup_steps = warmup_steps
         self.capacity_step = warmup_steps if capacity_step is None else capacity_step
-        self.forward: DepthRoutedForward = depth_routed_forward(model, parts=parts)
+        self.forward: DepthRoutedForward = depth_routed_forward(model, parts=parts, route_attention=route_attention)
         self.num_layers = self.forward.num_layers
         _checks.check_int(router_layers, "router_layers", minimum=1)
         if router_layers > self.num_layers:
@@ -254,6 +254,7 @@ def cggr_loss(
     capacity_step: int | None = None,
     trim: float = 0.0,
     fused_head: bool = False,
+    route_attention: bool = True,
     parts: ModelParts | None = None,
     scope: str | None = None,
     capacity_factor: float = 2.0,
@@ -340,6 +341,9 @@ def cggr_loss(
         :func:`cggr_fn.fused_selective_loss` (no logits stored; gradients
         formed chunk by chunk in the forward) instead of the head's logits
         and :func:`cggr_fn.selective_loss`. The same loss and gradients.
+      route_attention: run attention's backward over the routed queries
+        only (see the FLOP model); ``False`` runs it whole. The same loss
+        and gradients.
       parts: where the model's pieces are; detected if ``None``.
       scope: data parallelism (see below): ``None`` (one process, no
         collective), ``"rank"`` or ``"global"``.
@@ -367,4 +371,5 @@ def cggr_loss(
     """
     return CGGRLoss(model, selection=selection, ratio=ratio, router_layers=router_layers, method=method,
                     num_buckets=num_buckets, warmup_steps=warmup_steps, capacity_step=capacity_step, trim=trim,
-                    fused_head=fused_head, parts=parts, scope=scope, capacity_factor=capacity_factor, group=group)
+                    fused_head=fused_head, route_attention=route_attention, parts=parts, scope=scope,
+                    capacity_factor=capacity_factor, group=group)
