@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cggr_fn  # noqa: E402
 import cggr_fn.distributed  # noqa: E402
-from _provenance import source_commit  # noqa: E402
+from _provenance import source_commit, source_digest  # noqa: E402
 from bench_e2e import MODELS as E2E_MODELS  # noqa: E402
 from cggr_fn.models import cggr_loss  # noqa: E402
 
@@ -170,8 +170,8 @@ def with_scaling(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def environment(device: torch.device) -> dict[str, Any]:
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    return {"device": name, "commit": source_commit(), "torch": torch.__version__,
-            "transformers": transformers.__version__,
+    return {"device": name, "commit": source_commit(), "source_digest": source_digest(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
             "cggr_fn": cggr_fn.__version__, "backend": dist.get_backend(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
 

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 import transformers
 
 import cggr_fn
-from _provenance import source_commit
+from _provenance import source_commit, source_digest
 from cggr_fn.models import cggr_loss, hardest_sequence_loss, lm_loss, truncated_router
 
 MODELS = {
@@ -81,13 +81,13 @@ def flop_model(mode: str, f: dict[str, float]) -> float:
     if mode.startswith("sequences"):
         r = float(mode.split("_")[1])
         return SEQUENCE_ROUTER_LAYERS * (2 * P + A) + 2 * H + r * dense
-    whole_attention = mode.endswith("whole_attention")
+    routed_attention = mode.endswith("routed_attention")
 
     def layer(r: float) -> float:
         # Linears: forward on every token, backward on the routed. Attention:
-        # forward on every query, then forward and backward on the routed
-        # again (3.5rA), or its backward on every query (2.5A) when whole.
-        return 2 * P + A + 4 * r * P + (2.5 * A if whole_attention else 3.5 * r * A)
+        # forward and backward on every query (A + 2.5A), or, routed, forward
+        # on every query, then forward and backward on the routed again.
+        return 2 * P + A + 4 * r * P + (3.5 * r * A if routed_attention else 2.5 * A)
 
     router = 0.0 if mode.startswith("random") else ROUTER_LAYERS * (2 * P + A) + 2 * H
     if mode.startswith("buckets"):
@@ -142,7 +142,7 @@ def loss_fns(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, callable]:
 
     fns["selective_0.25"] = routed(selection="topk", ratio=0.25)
     fns["selective_0.25_fused"] = routed(selection="topk", ratio=0.25, fused_head=True)
-    fns["selective_0.25_whole_attention"] = routed(selection="topk", ratio=0.25, route_attention=False)
+    fns["selective_0.25_routed_attention"] = routed(selection="topk", ratio=0.25, route_attention=True)
     fns["selective_0.5"] = routed(selection="topk", ratio=0.5)
     fns["priority_0.25"] = routed(selection="priority", ratio=0.25, method="grad_norm")
     fns["random_0.25"] = routed(selection="random", ratio=0.25)
@@ -300,9 +300,9 @@ def run(name: str, iters: int, cudagraphs: bool, modes: list[str] | None, partia
 def environment() -> dict:
     import triton
 
-    return {"device": torch.cuda.get_device_name(), "commit": source_commit(), "torch": torch.__version__,
-            "triton": triton.__version__, "transformers": transformers.__version__, "cggr_fn": cggr_fn.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    return {"device": torch.cuda.get_device_name(), "commit": source_commit(), "source_digest": source_digest(),
+            "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+            "cggr_fn": cggr_fn.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import cggr_fn  # noqa: E402
 from cggr_fn import _head  # noqa: E402
-from _provenance import source_commit  # noqa: E402
+from _provenance import source_commit, source_digest  # noqa: E402
 
 TOKENS = 16384
 HIDDENS = (2048, 4096)
@@ -109,6 +109,7 @@ def main():
     report = {
         "device": torch.cuda.get_device_name(),
         "commit": source_commit(),
+        "source_digest": source_digest(),
         "torch": torch.__version__,
         "triton": triton.__version__,
         "liger_kernel": liger_version if liger is not None else f"absent ({liger_info})",

@@ -24,6 +24,7 @@ import sys
 import torch
 from triton.testing import do_bench
 
+from _provenance import source_commit, source_digest
 from cggr_fn._compaction import partition
 from cggr_fn._selection import _position_hash
 from cggr_fn.models._routed_attention import attend_routed, reference_routed
@@ -153,7 +154,10 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch._dynamo.config.cache_size_limit = 64
-    results.update({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "out": args.out})
+    import triton
+
+    results.update({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+                    "commit": source_commit(), "source_digest": source_digest(), "out": args.out})
     ok = True
     for capacity in (4096, 8192):
         guarded(f"timing_{capacity}", time_case, 8, 2048, capacity)

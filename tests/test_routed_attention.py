@@ -155,7 +155,7 @@ def test_compacted_layers_route_attention_with_the_masked_gradients(name: str, p
     ids, attention_mask = _batch(padded)
     kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
     calls = _spy(monkeypatch)
-    loss, routing = cggr_loss(model, ratio=0.25, router_layers=1)(params, ids, 3, **kwargs)
+    loss, routing = cggr_loss(model, ratio=0.25, router_layers=1, route_attention=True)(params, ids, 3, **kwargs)
     assert len(calls) == 3  # every layer's attention took the routed path
     grads = torch.autograd.grad(loss, list(params.values()))  # autograd's own backward, as a training loop runs it
     logits = depth_routed_forward(model)(params, routing.depth, input_ids=ids, **kwargs).logits
@@ -176,7 +176,7 @@ def test_attention_with_dropout_runs_whole_with_the_same_numbers(monkeypatch: py
     params = {k: v.detach() for k, v in model.named_parameters()}
     ids, _ = _batch(False)
     calls = _spy(monkeypatch)
-    loss_fn = cggr_loss(model, ratio=0.25, router_layers=1)
+    loss_fn = cggr_loss(model, ratio=0.25, router_layers=1, route_attention=True)
     torch.manual_seed(5)
     first = loss_fn(params, ids, 3)[0]
     torch.manual_seed(5)
@@ -190,7 +190,7 @@ def test_attention_with_dropout_runs_whole_with_the_same_numbers(monkeypatch: py
 
 def test_the_views_attention_config_reads_through_and_refuses_writes() -> None:
     model = MODELS["llama_sdpa"]()
-    forward = depth_routed_forward(model)
+    forward = depth_routed_forward(model, route_attention=True)
     attention = forward.module.model.layers[0].self_attn
     assert attention is not model.model.layers[0].self_attn
     assert attention.config._attn_implementation == routed_attention.ROUTED_ATTENTION
@@ -214,6 +214,8 @@ def test_route_attention_false_runs_attention_whole_with_the_same_gradients(monk
 
     whole = grads(False)
     assert calls == []
+    # Off by default: the view's attention keeps the model's own config.
+    assert cggr_loss(model).forward.module.model.layers[0].self_attn.config is model.config
     routed = grads(True)
     assert len(calls) == 3
     for key in whole:

@@ -287,7 +287,7 @@ class DepthRoutedForward:
 
 
 def depth_routed_forward(model: nn.Module, *, parts: ModelParts | None = None, leak: float = 0.0,
-                         route_attention: bool = True) -> DepthRoutedForward:
+                         route_attention: bool = False) -> DepthRoutedForward:
     """The model's forward with per-token gradient depth, as a stateless function of its parameters.
 
     Replaces the seed's ``CGGRWrapper`` (backward hooks on the model plus a
@@ -329,9 +329,9 @@ def depth_routed_forward(model: nn.Module, *, parts: ModelParts | None = None, l
       parts: where the model's pieces are; detected (:func:`detect_parts`) if ``None``.
       leak: gradient scale where a gate is closed, in ``[0, 1]``.
       route_attention: in compacted layers (``capacity``), run attention's
-        backward over the routed queries only (FlexAttention on the GPU; see
-        :func:`cggr_fn.models.cggr_loss`'s FLOP model); ``False`` runs every
-        layer's attention whole (the same gradients).
+        backward over the routed queries only (FlexAttention on the GPU;
+        the same gradients). Off by default: on an H200 it is slower today
+        than the whole attention it replaces (see the README).
 
     Returns:
       A :class:`DepthRoutedForward`; ``depth`` is an integer tensor in

@@ -55,7 +55,8 @@ class CGGRLoss:
 
     def __init__(self, model: nn.Module, *, selection: str, ratio: float, router_layers: int, method: ScoreMethod,
                  num_buckets: int, warmup_steps: int, capacity_step: int | None, trim: float, fused_head: bool,
-                 route_attention: bool, parts: ModelParts | None, scope: str | None = None, capacity_factor: float = 2.0,
+                 route_attention: bool, parts: ModelParts | None, scope: str | None = None,
+                 capacity_factor: float = 2.0,
                  group: Group = None) -> None:
         check_model(model)
         check_unsharded(model)
@@ -254,7 +255,7 @@ def cggr_loss(
     capacity_step: int | None = None,
     trim: float = 0.0,
     fused_head: bool = False,
-    route_attention: bool = True,
+    route_attention: bool = False,
     parts: ModelParts | None = None,
     scope: str | None = None,
     capacity_factor: float = 2.0,
@@ -306,12 +307,13 @@ def cggr_loss(
     attention FLOPs forward, ``L`` layers, ``H`` = head parameters, ``K`` =
     ``router_layers``, ``r`` = the share of tokens a layer trains):
     dense is ``L (6P + 3.5A) + 6H``; routed is ``K (2P + A) + 2H`` (router)
-    ``+ L (2P + A + 4 r P + 3.5 r A) + 6 r H`` (head on the selected tokens;
-    ``6H`` for ``"buckets"``). Attention runs forward over every query
-    without autograd, then forward and backward over the routed queries
-    again (``3.5 r A``; the model's own kernel runs it whole, ``3.5A``, where
-    it cannot be routed: dropout, ``torch.func`` on the GPU, implementations
-    other than ``"sdpa"`` and ``"eager"``).
+    ``+ L (2P + A + 4 r P + 2.5A) + 6 r H`` (head on the selected tokens;
+    ``6H`` for ``"buckets"``): attention's backward runs over every query
+    (``2.5A``). With ``route_attention=True`` attention runs forward over
+    every query without autograd, then forward and backward over the routed
+    queries again: ``3.5 r A`` instead of ``2.5A`` (where it can: not with
+    attention dropout, under ``torch.func`` on the GPU, or for
+    implementations other than ``"sdpa"`` and ``"eager"``).
 
     Data parallelism (DistributedDataParallel, FSDP2; the module to wrap is
     :func:`cggr_fn.distributed.loss_module`): with ``scope="rank"`` every rank
@@ -342,8 +344,9 @@ def cggr_loss(
         formed chunk by chunk in the forward) instead of the head's logits
         and :func:`cggr_fn.selective_loss`. The same loss and gradients.
       route_attention: run attention's backward over the routed queries
-        only (see the FLOP model); ``False`` runs it whole. The same loss
-        and gradients.
+        only (see the FLOP model; the same loss and gradients). Off by
+        default: on an H200 its FlexAttention kernels are slower today
+        than the whole attention they replace (see the README).
       parts: where the model's pieces are; detected if ``None``.
       scope: data parallelism (see below): ``None`` (one process, no
         collective), ``"rank"`` or ``"global"``.
