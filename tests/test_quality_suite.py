@@ -21,6 +21,7 @@ def test_every_mode_runs_and_reports(tmp_path: Path) -> None:
     out = tmp_path / "quality.json"
     report = quality.main([*TINY, "--seeds", "0,1", "--ratios", "0.25,0.5", "--out", str(out)])
     saved = json.loads(out.read_text())
+    assert not out.with_name(out.name + ".partial").exists()  # written run by run, removed once the report is
     assert saved["summary"] == report["summary"] and out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     rows = saved["rows"]
     # dense and buckets_4 once per seed; every other mode once per (seed, ratio).
@@ -67,6 +68,44 @@ def test_the_first_mode_and_the_control_start_from_the_same_model(tmp_path: Path
     assert first[0]["final_val_loss"] != first[1]["final_val_loss"]
 
 
+def test_finished_runs_are_on_disk_before_the_suite_ends(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "q.json"
+    seen: list[int] = []
+    original = quality.train_mode
+
+    def train_then_look(*args, **kwargs):  # noqa: ANN002, ANN003
+        partial = out.with_name(out.name + ".partial")
+        seen.append(len(json.loads(partial.read_text())["rows"]) if partial.exists() else 0)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(quality, "train_mode", train_then_look)
+    report = quality.main([*TINY, "--modes", "dense,random_token,topk_loss", "--out", str(out)])
+    assert seen == [0, 1, 2]
+    # A suite cut short is reported from its partial file.
+    partial = out.with_name(out.name + ".partial")
+    partial.write_text(json.dumps({"environment": report["environment"], "config": report["config"],
+                                   "rows": report["rows"][:2]}))
+    out.unlink()
+    rebuilt = quality.main(["--replot", "--out", str(out)])
+    assert rebuilt["rows"] == report["rows"][:2] and {r["mode"] for r in rebuilt["summary"]} == {"dense", "random_token"}
+    assert json.loads(out.read_text())["summary"] == rebuilt["summary"]
+
+
+def test_a_token_file_trains_exactly_like_the_corpus_it_was_written_from(tmp_path: Path) -> None:
+    tokens = tmp_path / "sample_tokens.pt"
+    assert quality.main([*TINY, "--write-tokens", str(tokens), "--out", str(tmp_path / "unused.json")]) == {
+        "tokens": str(tokens)}
+    assert not (tmp_path / "unused.json").exists()
+    args = [*TINY, "--modes", "dense,random_token"]
+    direct = quality.main([*args, "--out", str(tmp_path / "a.json")])["rows"]
+    cached = quality.main([*args, "--tokens", str(tokens), "--out", str(tmp_path / "b.json")])["rows"]
+    assert [r["final_val_loss"] for r in cached] == [r["final_val_loss"] for r in direct]
+    with pytest.raises(SystemExit, match="holds pretrain tokens, not finetune's"):
+        quality.load_tokens(tokens, "finetune", None)
+    with pytest.raises(SystemExit, match="vocabulary of 256, the model has 49152"):
+        quality.load_tokens(tokens, "pretrain", 49152)
+
+
 def _run(mode: str, ratio: float, seed: int, val: float, curve: list[tuple[int, float, float]]) -> quality.Run:
     return quality.Run("pretrain", "steps", mode, ratio, seed, val, curve[-1][1], curve[-1][0], 1.0, 0.0, curve)
 
@@ -96,6 +135,8 @@ def test_summary_statistics() -> None:
     (["--modes", "dense,nope"], "--modes: expected names from"),
     (["--ratios", "0"], "--ratios: expected values in (0, 1]"),
     (["--settings", "rl"], "--settings: expected pretrain and/or finetune"),
+    (["--settings", "pretrain,finetune", "--tokens", "t.pt"], "a token file holds one setting's tokens"),
+    (["--tokens", "t.pt", "--write-tokens", "u.pt"], "give one of them"),
 ])
 def test_bad_options_are_refused(argv: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
