@@ -222,3 +222,51 @@ def test_route_attention_false_runs_attention_whole_with_the_same_gradients(monk
         torch.testing.assert_close(routed[key], whole[key], rtol=1e-10, atol=1e-12, msg=key)
     with pytest.raises(TypeError, match="route_attention: expected a bool"):
         cggr_loss(model, route_attention="yes")
+
+
+def test_compiled_unpadded_calls_attend_causally_without_the_models_mask_tensor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torch.compile the model builds an explicit causal mask; with no attention mask given the
+    routed attention knows it is causal alone (so its kernel can skip masking whole blocks)."""
+    torch.manual_seed(0)
+    model = MODELS["llama_sdpa"]().double()
+    params = {k: v.detach().requires_grad_() for k, v in model.named_parameters()}
+    ids, _ = _batch(False)
+    seen: list[tuple[bool, bool]] = []
+    original = routed_attention.attend_routed
+
+    def spy(*args, causal, mask, **kwargs):
+        seen.append((causal, mask is None))
+        return original(*args, causal=causal, mask=mask, **kwargs)
+
+    monkeypatch.setattr(routed_attention, "attend_routed", spy)
+    loss_fn = cggr_loss(model, ratio=0.25, router_layers=1, route_attention=True)
+    compiled = torch.compile(lambda p: loss_fn(p, ids, 3), fullgraph=True, backend="aot_eager")
+    loss, routing = compiled(params)
+    assert seen and set(seen) == {(True, True)}
+    grads = torch.autograd.grad(loss, list(params.values()))
+    logits = depth_routed_forward(model)(params, routing.depth, input_ids=ids).logits
+    want = torch.autograd.grad(cggr_fn.selective_loss(logits, lm_targets(ids), routing.depth > 0), list(params.values()))
+    for key, a, b in zip(params, grads, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=key)
+    # With padding the model's mask is what is applied.
+    seen.clear()
+    ids, attention_mask = _batch(True)
+    loss_fn(params, ids, 3, attention_mask=attention_mask)
+    assert seen and set(seen) == {(False, False)}
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpointed_layers_recompute_the_routed_attention(use_reentrant: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    torch.manual_seed(0)
+    model = MODELS["llama_sdpa"]().double().train()
+    params = {k: v.detach().requires_grad_() for k, v in model.named_parameters()}
+    ids, _ = _batch(False)
+    loss_fn = cggr_loss(model, ratio=0.25, router_layers=1, route_attention=True)
+    plain = torch.autograd.grad(loss_fn(params, ids, 3)[0], list(params.values()))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    calls = _spy(monkeypatch)
+    loss_fn(params, ids, 3)[0].backward()  # reentrant checkpointing needs .backward(), not .grad()
+    assert len(calls) == 6  # each layer's routed attention in forward, and again in its recomputation
+    for (key, param), want in zip(params.items(), plain):
+        torch.testing.assert_close(torch.zeros_like(want) if param.grad is None else param.grad, want,
+                                   rtol=1e-10, atol=1e-12, msg=key)

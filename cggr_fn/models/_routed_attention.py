@@ -103,7 +103,16 @@ def routed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         return model_attention(module, query, key, value, attention_mask, **kwargs)
     with torch.no_grad():
         output, weights = model_attention(module, query, key, value, attention_mask, **kwargs)
-    causal = attention_mask is None and name == "sdpa" and bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
+    is_causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
+    windowless = kwargs.get("sliding_window") is None and getattr(module.config, "attention_chunk_size", None) is None
+    if gates.unpadded and is_causal and windowless:
+        # No attention mask was given and no window applies: whatever tensor the
+        # model built (under torch.compile it builds one) says causal, and
+        # saying so lets the kernel skip the mask where every query sees a block.
+        attention_mask = None
+        causal = True
+    else:
+        causal = attention_mask is None and name == "sdpa" and is_causal
     routed = attend_routed(query, key, value, part, causal=causal, mask=attention_mask,
                            scale=kwargs.get("scaling", module.scaling))
     # output is (batch, seq, heads, dim); the routed rows take their places, with their gradient.

@@ -32,6 +32,9 @@ class _Gates(threading.local):
         self.masks: list[torch.Tensor] | None = None
         # Per layer: the partition of its compacted execution, or None where it runs whole.
         self.partitions: list[Partition | None] | None = None
+        # Whether the call passed no attention mask: a causal model's attention
+        # mask is then causal alone, whatever tensor the model builds for it.
+        self.unpadded = False
         self.leak = leak
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Gates:
@@ -125,16 +128,16 @@ def _rebinding_checkpoint(self: nn.Module) -> Callable[..., Any]:
         # region: the recomputation (in backward, after the call has cleared
         # them, perhaps on another thread) must see the call's gates again.
         gates = self._cggr_gates
-        call_gates = (gates.masks, gates.partitions)
+        call_gates = (gates.masks, gates.partitions, gates.unpadded)
 
         def rebound(*inner_args: Any, **inner_kwargs: Any) -> Any:
-            outer_gates = (gates.masks, gates.partitions)
-            gates.masks, gates.partitions = call_gates
+            outer_gates = (gates.masks, gates.partitions, gates.unpadded)
+            gates.masks, gates.partitions, gates.unpadded = call_gates
             try:
                 with _reparametrize_module(self, tensors):
                     return function(*inner_args, **inner_kwargs)
             finally:
-                gates.masks, gates.partitions = outer_gates
+                gates.masks, gates.partitions, gates.unpadded = outer_gates
 
         return checkpoint(rebound, *args, **kwargs)
 
@@ -258,11 +261,14 @@ class DepthRoutedForward:
                 "loss.backward() or torch.autograd.grad, or call model.gradient_checkpointing_disable()"
             )
         self._gates.masks, self._gates.partitions = masks, partitions
+        # (A model's forward takes the attention mask second: input_ids, attention_mask, ...)
+        self._gates.unpadded = kwargs.get("attention_mask") is None and (len(args) < 2 or args[1] is None)
         try:
             names = self._names if module is self.module else tensor_names(module)
             return functional_call(module, select_tensors(params, names), args, {**self._defaults, **kwargs})
         finally:
             self._gates.masks = self._gates.partitions = None
+            self._gates.unpadded = False
 
     def _partitions(self, masks: list[torch.Tensor], capacity: int | Sequence[int] | None) -> list[Partition | None] | None:
         if capacity is None:
