@@ -5,10 +5,11 @@ Run on a CUDA machine (not collected by pytest)::
     python benchmarks/check_routed_attention_gpu.py --out report.json
 
 For causal attention (the 1B benchmark's heads: 32 query heads, 8 key/value
-heads, dim 64) and for a boolean padding mask, the FlexAttention path of
-``attend_routed`` (bf16 and float32, compiled as a training step compiles it)
-must match the float64 reference (``reference_routed``) in its output and
-its gradients with respect to queries, keys and values. The routed sets are
+heads, dim 64) and for boolean and additive padding masks, the FlexAttention
+path of ``attend_routed`` (bf16 and float32, compiled as a training step
+compiles it, and called eagerly) must match the float64 reference
+(``reference_routed``) in its output and its gradients with respect to
+queries, keys and values. The routed sets are
 a top-k mask, and one that leaves the capacity to be filled with padding rows.
 Also times the routed forward + backward against the whole attention's
 (cuDNN/flash SDPA), and checks that the position hash of the random control
@@ -46,7 +47,7 @@ def routed_grads(fn, q, k, v, cotangent):
     return [out.detach()] + list(torch.autograd.grad((out.float() * cotangent).sum(), (q, k, v)))
 
 
-def check_case(name, batch, seq, capacity, mask_kind, dtype):
+def check_case(name, batch, seq, capacity, mask_kind, dtype, compiled_step=True):
     heads, kv_heads, dim = 32, 8, 64
     q, k, v = inputs(batch, seq, heads, kv_heads, dim, dtype)
     n = batch * seq
@@ -56,16 +57,21 @@ def check_case(name, batch, seq, capacity, mask_kind, dtype):
     chosen[torch.randperm(n, device="cuda", generator=g)[:count]] = True
     part = partition(chosen.reshape(batch, seq), capacity)
     mask = None
-    if mask_kind == "padding_mask":  # right padding: sequence b keeps its first seq - 64 b tokens
+    if mask_kind in ("padding_mask", "additive_mask"):  # right padding: sequence b keeps its first seq - 64 b tokens
         real = torch.arange(seq, device="cuda")[None, :] < (seq - 64 * torch.arange(batch, device="cuda"))[:, None]
         mask = (torch.ones(seq, seq, dtype=torch.bool, device="cuda").tril()[None] & real[:, None, :])[:, None]
+        if mask_kind == "additive_mask":  # as Hugging Face's eager attention gets it
+            mask = torch.zeros((), dtype=dtype, device="cuda").masked_fill(~mask, torch.finfo(dtype).min)
     scale = dim**-0.5
     causal = mask is None
     cotangent = torch.randn(capacity, heads, dim, device="cuda", generator=g)
-    # Compiled as in a training step: the routed attention inside torch.compile.
-    compiled = torch.compile(lambda q, k, v: attend_routed(q, k, v, part, causal=causal, mask=mask, scale=scale),
-                             fullgraph=True)
-    got = routed_grads(compiled, q, k, v, cotangent)
+    def routed(q, k, v):
+        return attend_routed(q, k, v, part, causal=causal, mask=mask, scale=scale)
+
+    # Compiled as in a training step (the routed attention inside torch.compile),
+    # or called eagerly (FlexAttention through its own compiled kernel).
+    fn = torch.compile(routed, fullgraph=True) if compiled_step else routed
+    got = routed_grads(fn, q, k, v, cotangent)
 
     def exact(q, k, v):
         q, k, v = (t.double() for t in (q, k, v))
@@ -166,6 +172,8 @@ def main(argv: list[str]) -> int:
         ok &= guarded("causal_topk", check_case, "causal_topk", 4, 2048, 2048, "topk", dtype)
         ok &= guarded("causal_padding_rows", check_case, "causal_padding_rows", 4, 2048, 2048, "padding_rows", dtype)
         ok &= guarded("padding_mask", check_case, "padding_mask", 3, 1000, 750, "padding_mask", dtype)
+        ok &= guarded("additive_mask", check_case, "additive_mask", 3, 1000, 750, "additive_mask", dtype)
+        ok &= guarded("causal_topk_eager", check_case, "causal_topk_eager", 4, 2048, 2048, "topk", dtype, False)
     results["passed"] = bool(ok)
     with open(args.out, "w") as handle:
         json.dump(results, handle, indent=1)

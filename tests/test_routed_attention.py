@@ -270,3 +270,81 @@ def test_checkpointed_layers_recompute_the_routed_attention(use_reentrant: bool,
     for (key, param), want in zip(params.items(), plain):
         torch.testing.assert_close(torch.zeros_like(want) if param.grad is None else param.grad, want,
                                    rtol=1e-10, atol=1e-12, msg=key)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("seq, share, fill", [(300, 0.3, 20), (100, 0.02, 2), (129, 0.9, 0), (1000, 0.05, 0)])
+def test_block_mask_lists_every_block_with_an_allowed_pair_and_only_whole_blocks_as_full(
+        seq: int, share: float, fill: int, causal: bool) -> None:
+    # (Uncompiled FlexAttention ignores the block lists, so they are checked against the dense mask here.)
+    batch, block = 3, 128
+    chosen = torch.rand(batch, seq, generator=torch.Generator().manual_seed(seq)) < share
+    part = partition(chosen, int(chosen.sum()) + fill)
+    n, capacity = batch * seq, part.routed.numel()
+    blocks = routed_attention.block_mask(part.routed, tokens=n, seq=seq, causal=causal, mask=None)
+    queries = routed_attention._Queries(*(t[:, None] for t in routed_attention._queries(part.routed, seq)))
+    allowed = routed_attention._allowed(queries, torch.arange(n, dtype=torch.int32)[None, :], seq, causal, None)
+    q_blocks, kv_blocks = -(-capacity // block), -(-n // block)
+    padded = torch.zeros(q_blocks * block, kv_blocks * block, dtype=torch.bool)
+    padded[:capacity, :n] = allowed
+    tiles = padded.reshape(q_blocks, block, kv_blocks, block)
+    some = tiles.any(-1).any(1)
+    # Padding rows and columns of the last blocks cannot be "allowed"; a full block needs its real part whole.
+    real = torch.zeros_like(padded)
+    real[:capacity, :n] = True
+    every = (tiles | ~real.reshape(q_blocks, block, kv_blocks, block)).all(-1).all(1)
+
+    def listed(num: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(q_blocks, kv_blocks, dtype=torch.bool)
+        for i in range(q_blocks):
+            out[i, idx[0, 0, i, : num[0, 0, i]].long()] = True
+        return out
+
+    partial = listed(blocks.kv_num_blocks, blocks.kv_indices)
+    full = listed(blocks.full_kv_num_blocks, blocks.full_kv_indices)
+    assert not (partial & full).any()
+    assert torch.equal((partial | full) | ~some, torch.ones_like(some))  # nothing allowed is left out
+    assert not (full & ~every).any()  # a block run without the mask is allowed whole
+    assert some.any()
+
+
+def test_packed_sequences_by_position_ids_keep_the_models_mask() -> None:
+    torch.manual_seed(0)
+    model = MODELS["llama_sdpa"]().double()
+    params = {k: v.detach().requires_grad_() for k, v in model.named_parameters()}
+    ids = torch.randint(3, 40, (1, 12), generator=torch.Generator().manual_seed(4))
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5]])  # two sequences packed in one row
+    depth = torch.zeros(1, 12, dtype=torch.long)
+    depth[0, [2, 5, 8, 11]] = 3
+
+    def run(route_attention: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        forward = depth_routed_forward(model, route_attention=route_attention)
+        logits = forward(params, depth, input_ids=ids, position_ids=position_ids, capacity=4).logits
+        return logits, torch.autograd.grad((logits * torch.linspace(-1, 1, logits.numel()).reshape(logits.shape)).sum(),
+                                           list(params.values()))
+
+    (routed, routed_grads), (whole, whole_grads) = run(True), run(False)
+    torch.testing.assert_close(routed, whole, rtol=1e-12, atol=1e-12)
+    for a, b in zip(routed_grads, whole_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_windowless_is_conservative() -> None:
+    def attention(config) -> torch.nn.Module:
+        return type("Attention", (), {"config": config})()
+
+    assert routed_attention._windowless(attention(transformers.LlamaConfig()), {})
+    assert not routed_attention._windowless(attention(transformers.MistralConfig(sliding_window=4)), {})
+    assert routed_attention._windowless(attention(transformers.Qwen2Config(use_sliding_window=False)), {})
+    assert not routed_attention._windowless(attention(transformers.LlamaConfig()), {"sliding_window": 8})
+
+
+def test_a_loss_with_routed_attention_copies() -> None:
+    import copy
+
+    model = MODELS["llama_sdpa"]().double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    ids, _ = _batch(False)
+    loss_fn = cggr_loss(model, ratio=0.25, router_layers=1, route_attention=True)
+    clone = copy.deepcopy(loss_fn)
+    torch.testing.assert_close(clone(params, ids, 3)[0], loss_fn(params, ids, 3)[0], rtol=0, atol=0)

@@ -11,10 +11,10 @@ layer (its output projection runs the rest without autograd), and keys and
 values receive theirs from the routed queries, as they would.
 
 The routed queries are the partition's routed rows in row order, i.e. sorted
-by (sequence, position): each block of them spans one or two sequences and
-attends to a contiguous range of the flattened keys, which a FlexAttention
-block mask states exactly (blocks below the diagonal of one sequence run
-unmasked). FlexAttention has no backward on CPU: there the routed queries
+by (sequence, position): each block of them spans a run of consecutive
+sequences and attends to a contiguous range of the flattened keys, which a
+FlexAttention block mask states (blocks that every query of a one-sequence
+block sees whole run unmasked). FlexAttention has no backward on CPU: there the routed queries
 run through PyTorch's ``scaled_dot_product_attention`` with an explicit
 (queries x keys) mask, the same numbers (tested to agree with FlexAttention's
 forward on CPU, and both with float64 on the GPU). Its backward does not run
@@ -58,7 +58,11 @@ class RoutedAttentionConfig:
         self.__dict__["_cggr_config"] = source
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(self.__dict__["_cggr_config"], name)
+        try:
+            source = self.__dict__["_cggr_config"]
+        except KeyError:  # a copy under construction has no source yet
+            raise AttributeError(name) from None
+        return getattr(source, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"{name}: this view's attention config follows the model's; set it on model.config")
@@ -103,12 +107,12 @@ def routed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
         return model_attention(module, query, key, value, attention_mask, **kwargs)
     with torch.no_grad():
         output, weights = model_attention(module, query, key, value, attention_mask, **kwargs)
-    is_causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
-    windowless = kwargs.get("sliding_window") is None and getattr(module.config, "attention_chunk_size", None) is None
-    if gates.unpadded and is_causal and windowless:
-        # No attention mask was given and no window applies: whatever tensor the
-        # model built (under torch.compile it builds one) says causal, and
-        # saying so lets the kernel skip the mask where every query sees a block.
+    is_causal = kwargs.get("is_causal")
+    is_causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    if gates.unpadded and is_causal and _windowless(module, kwargs):
+        # Nothing that shapes the mask was given and no window applies: whatever
+        # tensor the model built (under torch.compile it builds one) says causal,
+        # and saying so lets the kernel skip the mask where every query sees a block.
         attention_mask = None
         causal = True
     else:
@@ -118,6 +122,20 @@ def routed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     # output is (batch, seq, heads, dim); the routed rows take their places, with their gradient.
     rows = output.reshape(-1, *output.shape[2:]).index_copy(0, part.routed, routed.to(output.dtype))
     return rows.reshape(output.shape), weights
+
+
+def _windowless(module: nn.Module, kwargs: dict[str, Any]) -> bool:
+    """Whether no sliding window or attention chunk can apply to this module's mask (conservatively)."""
+    config = module.config
+    if kwargs.get("sliding_window") is not None or getattr(module, "sliding_window", None) is not None:
+        return False
+    if getattr(config, "attention_chunk_size", None) is not None:
+        return False
+    if getattr(config, "sliding_window", None) is None:
+        return True
+    # A window in the config applies unless every layer is stated to attend fully.
+    layer_types = getattr(config, "layer_types", None)
+    return bool(layer_types) and all(kind == "full_attention" for kind in layer_types)
 
 
 def _routes(name: str, query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, part: Partition,
@@ -291,7 +309,8 @@ _compiled_flex: Callable[..., torch.Tensor] | None = None
 
 def _flex_routed(*args: Any, **kwargs: Any) -> torch.Tensor:
     # Uncompiled, FlexAttention materialises every score; called eagerly it
-    # needs its own compiled kernel (inside a compiled step it is lowered with it).
+    # needs its own compiled kernel (inside a compiled step it is lowered with
+    # it). Static shapes: each new (capacity, tokens, mask) shape compiles anew.
     global _compiled_flex
     if torch.compiler.is_compiling():
         return flex_routed(*args, **kwargs)

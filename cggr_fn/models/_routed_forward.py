@@ -32,8 +32,9 @@ class _Gates(threading.local):
         self.masks: list[torch.Tensor] | None = None
         # Per layer: the partition of its compacted execution, or None where it runs whole.
         self.partitions: list[Partition | None] | None = None
-        # Whether the call passed no attention mask: a causal model's attention
-        # mask is then causal alone, whatever tensor the model builds for it.
+        # Whether the call passed nothing that shapes the attention mask (only
+        # ids and flags): a causal model's mask is then causal alone (or a
+        # window its config states), whatever tensor the model builds for it.
         self.unpadded = False
         self.leak = leak
 
@@ -144,6 +145,10 @@ def _rebinding_checkpoint(self: nn.Module) -> Callable[..., Any]:
     return rebinding
 
 
+# Call arguments that leave a causal model's attention mask causal alone
+# (a mask, position ids of packed sequences, token types, caches do not).
+_MASK_NEUTRAL = frozenset({"input_ids", "inputs_embeds", "labels", "use_cache", "return_dict", "output_attentions",
+                           "output_hidden_states", "logits_to_keep"})
 _GATED_LAYER = {"__call__": _gated_call, "_gradient_checkpointing_func": property(_rebinding_checkpoint)}
 _TOKEN_WISE = {"__call__": _token_wise_call}
 # A layer's token-wise parts: its MLP as a whole where it has one by this
@@ -261,8 +266,8 @@ class DepthRoutedForward:
                 "loss.backward() or torch.autograd.grad, or call model.gradient_checkpointing_disable()"
             )
         self._gates.masks, self._gates.partitions = masks, partitions
-        # (A model's forward takes the attention mask second: input_ids, attention_mask, ...)
-        self._gates.unpadded = kwargs.get("attention_mask") is None and (len(args) < 2 or args[1] is None)
+        self._gates.unpadded = len(args) <= 1 and all(
+            name in _MASK_NEUTRAL or value is None for name, value in kwargs.items())
         try:
             names = self._names if module is self.module else tensor_names(module)
             return functional_call(module, select_tensors(params, names), args, {**self._defaults, **kwargs})
