@@ -16,8 +16,15 @@ adds ``mode="reduce-overhead"`` on every side). Modes:
 * ``dense_eager``: the model's own loss (``labels=``), eager, for reference;
 * ``dense``: the model's own loss, compiled; ``dense_ce``: ``F.cross_entropy``
   of the bf16 logits, compiled; ``dense_liger``: Liger-Kernel's fused linear
-  cross-entropy on the final hidden states, compiled (if installed). The
-  fastest of these is the baseline of ``speedup_vs_dense``;
+  cross-entropy on the final hidden states, compiled (if installed);
+  ``dense_ce_causal``: ``dense_ce`` with the model's attention switched to
+  SDPA's ``is_causal`` and no mask tensor (compiled, Hugging Face builds an
+  explicit causal mask, which sends SDPA to a slower masked kernel; the
+  inputs here have no padding, so any user can make this switch, and the
+  routed forward of ``cggr_loss`` makes it on its own). The fastest of these
+  is the baseline of ``speedup_vs_dense``;
+* ``selective_0.25_routed_attention``: attention's backward over the routed
+  queries only (``route_attention=True``);
 * ``selective_R``: :func:`cggr_fn.models.cggr_loss` with ``selection="topk"``
   and ratio R (a 2-layer router); ``_fused``: the same with ``fused_head=True``
   (the head and loss by :func:`cggr_fn.fused_selective_loss`);
@@ -36,6 +43,7 @@ Every row carries a profiler summary of one step (kernel time by kind, the top k
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import statistics
@@ -61,6 +69,29 @@ MODELS = {
                            max_position_embeddings=4096), batch=(8, 2048)),
 }
 ROUTER_LAYERS = 2
+#: The attention implementation of ``dense_ce_causal``: SDPA, and no mask tensor at all (unpadded inputs only).
+UNMASKED_CAUSAL = "sdpa_unmasked_causal"
+
+
+def register_unmasked_causal() -> None:
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(UNMASKED_CAUSAL, sdpa_attention_forward)
+    AttentionMaskInterface.register(UNMASKED_CAUSAL, lambda *args, **kwargs: None)
+
+
+@contextlib.contextmanager
+def attention_implementation(model: torch.nn.Module, name: str | None):
+    """The model's attention implementation switched to ``name`` (``None``: unchanged) for the block."""
+    previous = model.config._attn_implementation
+    if name is not None:
+        model.config._attn_implementation = name
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = previous
 SEQUENCE_ROUTER_LAYERS = 4
 
 
@@ -120,7 +151,7 @@ def loss_fns(model: torch.nn.Module, ids: torch.Tensor) -> dict[str, callable]:
         logits = call(model, params, (), {"input_ids": input_ids, "use_cache": False}).logits
         return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), input_ids[:, 1:].reshape(-1))
 
-    fns = {"dense_eager": dense, "dense": dense, "dense_ce": dense_ce}
+    fns = {"dense_eager": dense, "dense": dense, "dense_ce": dense_ce, "dense_ce_causal": dense_ce}
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -247,6 +278,7 @@ def run(name: str, iters: int, cudagraphs: bool, modes: list[str] | None, partia
     result = {"model": name, "config": MODELS[name], "tokens_per_step": ids.numel(), "cudagraphs": cudagraphs,
               "rows": [], "checks": {}}
     fns = loss_fns(model, ids)
+    register_unmasked_causal()
     for mode, loss_fn in fns.items():
         if modes and mode not in modes:
             continue
@@ -261,18 +293,19 @@ def run(name: str, iters: int, cudagraphs: bool, modes: list[str] | None, partia
             return torch.autograd.grad(loss, plist)
 
         t0 = time.perf_counter()
-        try:
-            ms, times, peak = time_step(step_fn, params, ids, step, iters)
-        except Exception as error:  # a failing mode is reported, not hidden
-            result["rows"].append({"model": name, "mode": mode, "error": f"{type(error).__name__}: {error}"[:2000]})
-            print(mode, "FAILED", error, flush=True)
-            torch.cuda.empty_cache()
-            continue
-        row = {"model": name, "mode": mode, "tokens_per_step": ids.numel(), "median_step_ms": round(ms, 3),
-               "times_ms": [round(t, 3) for t in times], "peak_mem_gb": round(peak, 3),
-               "flop_model_speedup": round(flop_model("dense", f) / flop_model(mode, f), 3),
-               "compile_and_warmup_s": round(time.perf_counter() - t0 - ms * iters / 1e3, 1)}
-        row["profile"] = profile(step_fn, params, ids, step)
+        with attention_implementation(model, UNMASKED_CAUSAL if mode == "dense_ce_causal" else None):
+            try:
+                ms, times, peak = time_step(step_fn, params, ids, step, iters)
+            except Exception as error:  # a failing mode is reported, not hidden
+                result["rows"].append({"model": name, "mode": mode, "error": f"{type(error).__name__}: {error}"[:2000]})
+                print(mode, "FAILED", error, flush=True)
+                torch.cuda.empty_cache()
+                continue
+            row = {"model": name, "mode": mode, "tokens_per_step": ids.numel(), "median_step_ms": round(ms, 3),
+                   "times_ms": [round(t, 3) for t in times], "peak_mem_gb": round(peak, 3),
+                   "flop_model_speedup": round(flop_model("dense", f) / flop_model(mode, f), 3),
+                   "compile_and_warmup_s": round(time.perf_counter() - t0 - ms * iters / 1e3, 1)}
+            row["profile"] = profile(step_fn, params, ids, step)
         result["rows"].append(row)
         print(mode, row["median_step_ms"], "ms", row["peak_mem_gb"], "GB", flush=True)
         if partial:  # what a time limit cuts short is still on disk
@@ -286,7 +319,8 @@ def run(name: str, iters: int, cudagraphs: bool, modes: list[str] | None, partia
         except Exception as error:  # reported, not hidden
             result["checks"]["cuda_graphs"] = {"error": f"{type(error).__name__}: {error}"[:2000]}
         print("cuda graph check", result["checks"]["cuda_graphs"], flush=True)
-    dense = [r["median_step_ms"] for r in result["rows"] if r["mode"] in ("dense", "dense_ce", "dense_liger") and "median_step_ms" in r]
+    dense = [r["median_step_ms"] for r in result["rows"]
+             if r["mode"] in ("dense", "dense_ce", "dense_ce_causal", "dense_liger") and "median_step_ms" in r]
     if dense:
         best = min(dense)
         result["dense_baseline_ms"] = best

@@ -214,8 +214,8 @@ def test_route_attention_false_runs_attention_whole_with_the_same_gradients(monk
 
     whole = grads(False)
     assert calls == []
-    # Off by default: the view's attention keeps the model's own config.
-    assert cggr_loss(model).forward.module.model.layers[0].self_attn.config is model.config
+    # Off by default: the view's attention dispatches through the routed attention but runs whole.
+    assert cggr_loss(model).forward.module.model.layers[0].self_attn._cggr_route_queries is False
     routed = grads(True)
     assert len(calls) == 3
     for key in whole:
@@ -348,3 +348,36 @@ def test_a_loss_with_routed_attention_copies() -> None:
     loss_fn = cggr_loss(model, ratio=0.25, router_layers=1, route_attention=True)
     clone = copy.deepcopy(loss_fn)
     torch.testing.assert_close(clone(params, ids, 3)[0], loss_fn(params, ids, 3)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("route_attention", [False, True])
+def test_compiled_unpadded_calls_run_sdpa_without_the_mask_tensor(route_attention: bool,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    torch.manual_seed(0)
+    model = MODELS["llama_sdpa"]().double()
+    params = {k: v.detach().requires_grad_() for k, v in model.named_parameters()}
+    masks: list[bool] = []
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+    def spy(module, query, key, value, attention_mask, **kwargs):
+        masks.append(attention_mask is None)
+        return sdpa(module, query, key, value, attention_mask, **kwargs)
+
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, "sdpa", spy)
+    loss_fn = cggr_loss(model, ratio=0.25, router_layers=1, route_attention=route_attention)
+    ids, _ = _batch(False)
+    compiled = torch.compile(lambda p: loss_fn(p, ids, 3), fullgraph=True, backend="aot_eager")
+    loss, routing = compiled(params)
+    # The router (the model's own attention modules) gets the model's mask; the routed view's layers none.
+    assert masks.count(True) == 3 and masks.count(False) == 1
+    grads = torch.autograd.grad(loss, list(params.values()))
+    logits = depth_routed_forward(model)(params, routing.depth, input_ids=ids).logits
+    want = torch.autograd.grad(cggr_fn.selective_loss(logits, lm_targets(ids), routing.depth > 0), list(params.values()))
+    for key, a, b in zip(params, grads, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=key)
+    masks.clear()
+    ids, attention_mask = _batch(True)
+    loss_fn(params, ids, 3, attention_mask=attention_mask)
+    assert masks and not any(masks)  # padded: the model's mask everywhere

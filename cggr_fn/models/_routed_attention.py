@@ -24,7 +24,8 @@ layer's attention runs whole (the same gradients, without the savings).
 The layer's attention is reached through Hugging Face's attention interface:
 the view's attention modules get a config that reads through to the model's
 and dispatches to :func:`routed_attention`, which calls the model's own
-implementation for everything it does not route.
+implementation for everything it does not route (and, for calls whose mask
+is causal alone, calls SDPA without the mask tensor).
 """
 
 from __future__ import annotations
@@ -99,25 +100,27 @@ def _model_attention(module: nn.Module) -> tuple[str, Callable[..., Any]]:
 
 def routed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-    """The model's attention, with autograd over the routed queries of the module's layer only."""
+    """The model's attention; with ``route_attention``, autograd over the routed queries of the layer only.
+
+    A call that passes nothing that shapes the mask, to a causal model with no
+    window, has a causal mask alone, whatever tensor the model built for it
+    (under ``torch.compile`` Hugging Face builds one): SDPA then runs causally
+    without it, and the routed queries' kernel skips the mask on the blocks
+    every query sees whole. The same numbers, faster kernels.
+    """
     name, model_attention = _model_attention(module)
     gates = module._cggr_gates
-    part = None if gates.partitions is None else gates.partitions[module._cggr_point - 1]
-    if part is None or not _routes(name, query, key, attention_mask, part, kwargs):
-        return model_attention(module, query, key, value, attention_mask, **kwargs)
-    with torch.no_grad():
-        output, weights = model_attention(module, query, key, value, attention_mask, **kwargs)
     is_causal = kwargs.get("is_causal")
     is_causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
-    if gates.unpadded and is_causal and _windowless(module, kwargs):
-        # Nothing that shapes the mask was given and no window applies: whatever
-        # tensor the model built (under torch.compile it builds one) says causal,
-        # and saying so lets the kernel skip the mask where every query sees a block.
-        attention_mask = None
-        causal = True
-    else:
-        causal = attention_mask is None and name == "sdpa" and is_causal
-    routed = attend_routed(query, key, value, part, causal=causal, mask=attention_mask,
+    causal_alone = gates.unpadded and is_causal and _windowless(module, kwargs)
+    model_mask = None if causal_alone and name == "sdpa" else attention_mask
+    part = None if gates.partitions is None else gates.partitions[module._cggr_point - 1]
+    if part is None or not module._cggr_route_queries or not _routes(name, query, key, attention_mask, part, kwargs):
+        return model_attention(module, query, key, value, model_mask, **kwargs)
+    with torch.no_grad():
+        output, weights = model_attention(module, query, key, value, model_mask, **kwargs)
+    causal = causal_alone or (attention_mask is None and name == "sdpa" and is_causal)
+    routed = attend_routed(query, key, value, part, causal=causal, mask=None if causal_alone else attention_mask,
                            scale=kwargs.get("scaling", module.scaling))
     # output is (batch, seq, heads, dim); the routed rows take their places, with their gradient.
     rows = output.reshape(-1, *output.shape[2:]).index_copy(0, part.routed, routed.to(output.dtype))

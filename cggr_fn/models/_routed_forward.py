@@ -205,7 +205,7 @@ def _route_token_wise(layer: nn.Module, gates: _Gates, point: int, copied: set[i
         copied.add(id(routed))
 
 
-def _route_attention(layer: nn.Module, gates: _Gates, point: int, copied: set[int]) -> None:
+def _route_attention(layer: nn.Module, gates: _Gates, point: int, copied: set[int], route_queries: bool) -> None:
     """Point (inside the layer's view) each attention module at the routed attention."""
     paths = [name for name, module in layer.named_modules() if name and _routed_attention.routable(module)]
     if paths:
@@ -215,6 +215,7 @@ def _route_attention(layer: nn.Module, gates: _Gates, point: int, copied: set[in
         attention.__dict__["config"] = _routed_attention.RoutedAttentionConfig(attention.config)
         attention.__dict__["_cggr_gates"] = gates
         attention.__dict__["_cggr_point"] = point
+        attention.__dict__["_cggr_route_queries"] = route_queries
 
 
 def _checkpointing(layer: nn.Module) -> bool:
@@ -320,7 +321,11 @@ def depth_routed_forward(model: nn.Module, *, parts: ModelParts | None = None, l
     the model's *current* settings at each call: ``model.train()`` /
     ``model.eval()`` (dropout, including layers that test ``self.training``)
     and ``model.gradient_checkpointing_enable()`` / ``_disable()`` act on it
-    whenever they are called. ``use_cache`` defaults to ``False``. The gates
+    whenever they are called. ``use_cache`` defaults to ``False``. A call that
+    passes nothing that shapes the attention mask (no ``attention_mask``,
+    ``position_ids`` or the like) to a causal model with no sliding window
+    runs its SDPA attention causally without the mask tensor Hugging Face
+    builds under ``torch.compile`` (the same numbers; faster kernels). The gates
     of a call are thread-local, so one function object may be called from
     several threads at once.
 
@@ -378,8 +383,7 @@ def depth_routed_forward(model: nn.Module, *, parts: ModelParts | None = None, l
         layer.__dict__["_cggr_point"] = index + 1
         copied = {id(layer)}
         _route_token_wise(layer, gates, index + 1, copied)
-        if route_attention:
-            _route_attention(layer, gates, index + 1, copied)
+        _route_attention(layer, gates, index + 1, copied, route_attention)
         stack._modules[name] = layer
         layers.append(layer)
     return DepthRoutedForward(view, layers, parts, float(leak), gates, default_kwargs(model))
