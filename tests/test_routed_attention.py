@@ -136,6 +136,16 @@ def _spy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+def _assert_masked_gradients(model, params: dict[str, torch.Tensor], ids: torch.Tensor, loss: torch.Tensor,
+                             routing) -> None:
+    """The loss's gradients are those of the masking version (gates in place, the loss over the routed tokens)."""
+    grads = torch.autograd.grad(loss, list(params.values()))
+    logits = depth_routed_forward(model)(params, routing.depth, input_ids=ids).logits
+    want = torch.autograd.grad(cggr_fn.selective_loss(logits, lm_targets(ids), routing.depth > 0), list(params.values()))
+    for key, a, b in zip(params, grads, want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=key)
+
+
 def _batch(padded: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     ids = torch.randint(3, 40, (2, 10), generator=torch.Generator().manual_seed(2))
     if not padded:
@@ -243,11 +253,7 @@ def test_compiled_unpadded_calls_attend_causally_without_the_models_mask_tensor(
     compiled = torch.compile(lambda p: loss_fn(p, ids, 3), fullgraph=True, backend="aot_eager")
     loss, routing = compiled(params)
     assert seen and set(seen) == {(True, True)}
-    grads = torch.autograd.grad(loss, list(params.values()))
-    logits = depth_routed_forward(model)(params, routing.depth, input_ids=ids).logits
-    want = torch.autograd.grad(cggr_fn.selective_loss(logits, lm_targets(ids), routing.depth > 0), list(params.values()))
-    for key, a, b in zip(params, grads, want):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=key)
+    _assert_masked_gradients(model, params, ids, loss, routing)
     # With padding the model's mask is what is applied.
     seen.clear()
     ids, attention_mask = _batch(True)
@@ -372,11 +378,7 @@ def test_compiled_unpadded_calls_run_sdpa_without_the_mask_tensor(route_attentio
     loss, routing = compiled(params)
     # The router (the model's own attention modules) gets the model's mask; the routed view's layers none.
     assert masks.count(True) == 3 and masks.count(False) == 1
-    grads = torch.autograd.grad(loss, list(params.values()))
-    logits = depth_routed_forward(model)(params, routing.depth, input_ids=ids).logits
-    want = torch.autograd.grad(cggr_fn.selective_loss(logits, lm_targets(ids), routing.depth > 0), list(params.values()))
-    for key, a, b in zip(params, grads, want):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=key)
+    _assert_masked_gradients(model, params, ids, loss, routing)
     masks.clear()
     ids, attention_mask = _batch(True)
     loss_fn(params, ids, 3, attention_mask=attention_mask)
