@@ -69,6 +69,7 @@ MODELS = {
                            max_position_embeddings=4096), batch=(8, 2048)),
 }
 ROUTER_LAYERS = 2
+SEQUENCE_ROUTER_LAYERS = 4
 #: The attention implementation of ``dense_ce_causal``: SDPA, and no mask tensor at all (unpadded inputs only).
 UNMASKED_CAUSAL = "sdpa_unmasked_causal"
 
@@ -92,7 +93,6 @@ def attention_implementation(model: torch.nn.Module, name: str | None):
         yield
     finally:
         model.config._attn_implementation = previous
-SEQUENCE_ROUTER_LAYERS = 4
 
 
 def flops_per_token(cfg: transformers.LlamaConfig, seq: int) -> dict[str, float]:

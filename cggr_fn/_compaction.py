@@ -54,19 +54,19 @@ def partition(mask: torch.Tensor, capacity: int) -> Partition:
     The routed rows are the true rows, filled up to ``capacity`` with the
     first false rows (padding), all in row order; true rows beyond the
     capacity go to the rest. Linear time and sync-free: each row's place
-    comes from cumulative sums, and the order is their inverse by one scatter
-    of a permutation.
+    comes from two cumulative sums, and the order is their inverse by one
+    scatter of a permutation.
     """
     flat = mask.reshape(-1)
     n = flat.numel()
+    rows = torch.arange(1, n + 1, device=mask.device)  # rows up to and including each
     trues = torch.cumsum(flat, 0)
     padding = capacity - (trues[-1:] if n else trues.new_zeros(1))
-    routed_rows = torch.where(flat, trues <= capacity, torch.cumsum(~flat, 0) <= padding)
+    routed_rows = torch.where(flat, trues <= capacity, rows - trues <= padding)
     ins = torch.cumsum(routed_rows, 0)
-    outs = torch.cumsum(~routed_rows, 0)
-    count = ins[-1:] if n else ins.new_zeros(1)
-    place = torch.where(routed_rows, ins - 1, count + outs - 1)
-    order = torch.zeros_like(place).scatter(0, place, torch.arange(n, device=mask.device))
+    # min(capacity, n) rows are routed, so the rest start at `capacity` whenever there is a rest.
+    place = torch.where(routed_rows, ins - 1, capacity + (rows - ins) - 1)
+    order = torch.zeros_like(place).scatter(0, place, rows - 1)
     routed = order[:capacity]
     return Partition(order, place, routed, flat.index_select(0, routed))
 

@@ -112,7 +112,7 @@ def routed_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     gates = module._cggr_gates
     is_causal = kwargs.get("is_causal")
     is_causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
-    causal_alone = gates.unpadded and is_causal and _windowless(module, kwargs)
+    causal_alone = gates.mask_neutral and is_causal and _windowless(module, kwargs)
     model_mask = None if causal_alone and name == "sdpa" else attention_mask
     part = None if gates.partitions is None else gates.partitions[module._cggr_point - 1]
     if part is None or not module._cggr_route_queries or not _routes(name, query, key, attention_mask, part, kwargs):

@@ -35,7 +35,7 @@ class _Gates(threading.local):
         # Whether the call passed nothing that shapes the attention mask (only
         # ids and flags): a causal model's mask is then causal alone (or a
         # window its config states), whatever tensor the model builds for it.
-        self.unpadded = False
+        self.mask_neutral = False
         self.leak = leak
 
     def __deepcopy__(self, memo: dict[int, Any]) -> _Gates:
@@ -129,16 +129,16 @@ def _rebinding_checkpoint(self: nn.Module) -> Callable[..., Any]:
         # region: the recomputation (in backward, after the call has cleared
         # them, perhaps on another thread) must see the call's gates again.
         gates = self._cggr_gates
-        call_gates = (gates.masks, gates.partitions, gates.unpadded)
+        call_gates = (gates.masks, gates.partitions, gates.mask_neutral)
 
         def rebound(*inner_args: Any, **inner_kwargs: Any) -> Any:
-            outer_gates = (gates.masks, gates.partitions, gates.unpadded)
-            gates.masks, gates.partitions, gates.unpadded = call_gates
+            outer_gates = (gates.masks, gates.partitions, gates.mask_neutral)
+            gates.masks, gates.partitions, gates.mask_neutral = call_gates
             try:
                 with _reparametrize_module(self, tensors):
                     return function(*inner_args, **inner_kwargs)
             finally:
-                gates.masks, gates.partitions, gates.unpadded = outer_gates
+                gates.masks, gates.partitions, gates.mask_neutral = outer_gates
 
         return checkpoint(rebound, *args, **kwargs)
 
@@ -267,14 +267,14 @@ class DepthRoutedForward:
                 "loss.backward() or torch.autograd.grad, or call model.gradient_checkpointing_disable()"
             )
         self._gates.masks, self._gates.partitions = masks, partitions
-        self._gates.unpadded = len(args) <= 1 and all(
+        self._gates.mask_neutral = len(args) <= 1 and all(
             name in _MASK_NEUTRAL or value is None for name, value in kwargs.items())
         try:
             names = self._names if module is self.module else tensor_names(module)
             return functional_call(module, select_tensors(params, names), args, {**self._defaults, **kwargs})
         finally:
             self._gates.masks = self._gates.partitions = None
-            self._gates.unpadded = False
+            self._gates.mask_neutral = False
 
     def _partitions(self, masks: list[torch.Tensor], capacity: int | Sequence[int] | None) -> list[Partition | None] | None:
         if capacity is None:
