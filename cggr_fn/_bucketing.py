@@ -160,5 +160,10 @@ def bucket_capacity(
     _checks.check_int(step, "step", minimum=0)
     _checks.check_int(num_layers, "num_layers", minimum=1)
     sizes = bucket_sizes(num_tokens, step, num_buckets=num_buckets, warmup_steps=warmup_steps)
-    depths = [(num_layers * (num_buckets - b) + num_buckets - 1) // num_buckets for b in range(num_buckets)]
+    depths = tier_depths(num_layers, num_buckets)
     return [sum(size for size, depth in zip(sizes, depths) if depth >= num_layers - layer) for layer in range(num_layers)]
+
+
+def tier_depths(num_layers: int, num_buckets: int) -> list[int]:
+    """The depth of each bucket under :func:`bucket_depth`, hardest first: every value it can give."""
+    return [(num_layers * (num_buckets - b) + num_buckets - 1) // num_buckets for b in range(num_buckets)]

@@ -115,8 +115,14 @@ def compact_rows(fn: Callable[..., Any], mask: torch.Tensor, capacity: int) -> C
 
 
 def call_compacted(fn: Callable[..., Any], part: Partition, shape: tuple[int, ...], args: tuple[Any, ...],
-                   kwargs: dict[str, Any]) -> Any:
-    """``fn(*args, **kwargs)`` run as two calls, on the routed rows (autograd) and the rest (no autograd)."""
+                   kwargs: dict[str, Any], *, ordered_in: bool = False, ordered_out: bool = False) -> Any:
+    """``fn(*args, **kwargs)`` run as two calls, on the routed rows (autograd) and the rest (no autograd).
+
+    ``ordered_in``: the split inputs' rows are already in partition order
+    (:func:`to_partition_order`); ``ordered_out``: the outputs stay in it.
+    A chain of token-wise calls that keeps its rows in partition order moves
+    them once, not at every call.
+    """
     lead = len(shape)
     capacity = part.routed.numel()
 
@@ -128,7 +134,9 @@ def call_compacted(fn: Callable[..., Any], part: Partition, shape: tuple[int, ..
     def routed_rows(leaf: Any) -> Any:
         if not split(leaf):
             return leaf
-        rows = to_partition_order(leaf.reshape(-1, *leaf.shape[lead:]), part)
+        rows = leaf.reshape(-1, *leaf.shape[lead:])
+        if not ordered_in:
+            rows = to_partition_order(rows, part)
         rests.append(rows[capacity:].detach())
         return rows[:capacity]
 
@@ -153,7 +161,9 @@ def call_compacted(fn: Callable[..., Any], part: Partition, shape: tuple[int, ..
             keep = part.keep.reshape(-1, *([1] * (routed.dim() - 1)))
             # Padding rows (false rows that fill the capacity) are gated as route_grad gates them.
             routed = torch.where(keep, routed, routed.detach())
-        joined = from_partition_order(torch.cat([routed, rest.to(routed.dtype)], 0), part)
+        joined = torch.cat([routed, rest.to(routed.dtype)], 0)
+        if not ordered_out:
+            joined = from_partition_order(joined, part)
         return joined.reshape(*shape, *routed.shape[1:])
 
     return optree.tree_map(join, routed_out, rest_out, none_is_leaf=True)

@@ -397,6 +397,33 @@ def test_routed_grads_equal_a_hand_masked_float64_reference(name: str, compactio
     assert bottom and any(not torch.allclose(grads[k], dense[k]) for k in bottom)
 
 
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_hidden_states_are_seen_in_place_by_outputs_and_hooks(name: str) -> None:
+    """Streamed layers hold hidden states in partition order; nothing outside the call may see that order."""
+    model = build(name, torch.float64)
+    forward = depth_routed_forward(model)
+    ids = ids_for()
+    depth = torch.randint(0, LAYERS + 1, ids.shape, generator=torch.Generator().manual_seed(3))
+    capacity = layer_counts(depth, LAYERS)
+    params = params_of(model)
+    plain = forward(params, depth, input_ids=ids, output_hidden_states=True)
+    compacted = forward(params, depth, input_ids=ids, capacity=capacity, output_hidden_states=True)
+    for got, expected in zip(compacted.hidden_states, plain.hidden_states, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)  # split matmuls round differently
+    stack = model.get_submodule(FAMILIES[name][2])
+    seen: list[torch.Tensor] = []
+    handle = stack[1].register_forward_hook(lambda m, a, out: seen.append((out[0] if isinstance(out, tuple) else out)))
+    try:
+        grads = torch.func.grad(lambda p: loss_of(forward(p, depth, input_ids=ids, capacity=capacity).logits,
+                                                  ids, True))(params)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(seen[0], plain.hidden_states[2], rtol=1e-12, atol=1e-14)
+    expected = reference_routed_grads(model, depth, ids, True)
+    for key in grads:
+        torch.testing.assert_close(grads[key], expected[key], rtol=1e-9, atol=1e-12, msg=key)
+
+
 def test_full_depth_is_ordinary_training_and_outputs_are_unchanged() -> None:
     model = build("llama", torch.float64)
     forward, ids = depth_routed_forward(model), ids_for()

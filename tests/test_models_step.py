@@ -159,6 +159,74 @@ def test_the_training_step_compiles_fullgraph_once(selection: str, fused_head: b
             torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-6, msg=key)
 
 
+class _RowMoves(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the forward's row permutations (``index_copy``, the only way rows move)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        self.count += func is torch.ops.aten.index_copy.default
+        return func(*args, **(kwargs or {}))
+
+
+# Rows moved per layer when the stack runs streamed: the outputs of the input projections (q, k, v for the
+# Llama family; GPT-2's fused c_attn) back in place, the output projection's input into partition order.
+_MOVES_PER_LAYER = {"llama": 4, "qwen2": 4, "gpt2": 2}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_one_shared_partition_moves_rows_only_around_attention(name: str) -> None:
+    """A selection gives every layer one mask: the stream enters partition order once and leaves once (+ the head)."""
+    model = build(name)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    ids, attention_mask, labels = batch()
+    loss_fn = cggr_loss(model, ratio=0.25, router_layers=1)
+    with _RowMoves() as moves:
+        loss_fn(params, ids, 0, labels=labels, attention_mask=attention_mask)
+    assert moves.count == LAYERS * _MOVES_PER_LAYER[name] + 3
+
+
+def test_bucket_tiers_share_partitions_within_a_tier() -> None:
+    """Buckets: one partition per distinct tier mask; the stream is reordered only where the tier changes."""
+    layers = 8
+    config = transformers.LlamaConfig(**{**_LLAMA_LIKE, "num_hidden_layers": layers})
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).double().eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    ids, attention_mask, labels = batch()
+    loss_fn = cggr_loss(model, selection="buckets", num_buckets=4, router_layers=1, warmup_steps=0)
+    seen = []
+    original = loss_fn.forward._partitions
+    loss_fn.forward._partitions = lambda *args: seen.append(original(*args)) or seen[-1]
+    with _RowMoves() as moves:
+        grads, (_, routing) = torch.func.grad_and_value(loss_fn, has_aux=True)(
+            params, ids, 0, labels=labels, attention_mask=attention_mask)
+    (partitions,) = seen
+    # Depths 8/6/4/2: layers 0-1 (only depth 8), 2-3, 4-5 each share one partition; layers 6-7 run whole.
+    assert partitions[0] is partitions[1] and partitions[2] is partitions[3] and partitions[4] is partitions[5]
+    assert len({id(p) for p in partitions[:6]}) == 3 and partitions[6] is partitions[7] is None
+    assert moves.count == 6 * 4 + 3 * 2
+    expected = torch.func.grad(lambda p: lm_loss(depth_routed_forward(model)(
+        p, routing.depth, input_ids=ids, attention_mask=attention_mask).logits, labels,
+        attention_mask=attention_mask))(params)
+    for key in grads:
+        torch.testing.assert_close(grads[key], expected[key], rtol=1e-10, atol=1e-12, msg=key)
+
+
+def test_levels_that_depth_breaks_raise_under_checking() -> None:
+    model = build("llama")
+    forward = depth_routed_forward(model)
+    ids, _, _ = batch()
+    depth = torch.full(ids.shape, LAYERS)
+    depth[0, 0] = 1
+    base = forward.module.get_submodule("model")
+    params = {k[len("model."):]: v.detach() for k, v in model.named_parameters() if k.startswith("model.")}
+    with cggr_fn.checking(), pytest.raises(ValueError, match=r"depth: expected only the levels \[0, 3\]"):
+        forward.call_module(base, params, depth, (), {"input_ids": ids}, capacity=ids.numel() - 1, levels=(0, LAYERS))
+
+
 def test_backward_through_autograd_matches_func_grad() -> None:
     model = build("gpt2")
     ids, attention_mask, labels = batch()

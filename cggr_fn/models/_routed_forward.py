@@ -12,7 +12,8 @@ from torch.func import functional_call
 from torch.nn.utils.stateless import _reparametrize_module
 
 from cggr_fn import _checks
-from cggr_fn._compaction import Partition, call_compacted, check_capacity, partition
+from cggr_fn._compaction import Partition, call_compacted, check_capacity, from_partition_order, partition, \
+    to_partition_order
 from cggr_fn._routing import depth_masks, gate
 from cggr_fn.models import _routed_attention
 from cggr_fn.models._common import check_model, default_kwargs, inside_torch_func, select_tensors, tensor_names
@@ -32,6 +33,8 @@ class _Gates(threading.local):
         self.masks: list[torch.Tensor] | None = None
         # Per layer: the partition of its compacted execution, or None where it runs whole.
         self.partitions: list[Partition | None] | None = None
+        # Per layer: whether its hidden states flow in partition order (see _gated_call).
+        self.streamed: list[bool] | None = None
         # Whether the call passed nothing that shapes the attention mask (only
         # ids and flags): a causal model's mask is then causal alone (or a
         # window its config states), whatever tensor the model builds for it.
@@ -43,29 +46,42 @@ class _Gates(threading.local):
         return type(self)(self.leak)
 
 
-def _gate_input(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], mask: torch.Tensor,
-                leak: float) -> tuple[tuple[Any, ...], dict[str, Any]]:
+def _map_input(layer: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+               fn: Callable[[torch.Tensor], torch.Tensor]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The layer's call arguments with ``fn`` applied to its input hidden state."""
     if args:
-        return (gate(args[0], mask, leak), *args[1:]), kwargs
+        return (fn(args[0]), *args[1:]), kwargs
     if "hidden_states" in kwargs:
-        return args, {**kwargs, "hidden_states": gate(kwargs["hidden_states"], mask, leak)}
+        return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
     raise TypeError(
-        f"model: the first layer ({type(layer).__name__}) was called without a positional hidden state "
-        "or a hidden_states= keyword; cannot gate the stack's input"
+        f"model: layer {layer._cggr_point - 1} ({type(layer).__name__}) was called without a positional hidden "
+        "state or a hidden_states= keyword; cannot route its input"
     )
 
 
-def _gate_output(layer: nn.Module, output: Any, point: int, mask: torch.Tensor, leak: float) -> Any:
+def _map_output(layer: nn.Module, output: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     # Decoder layers return the hidden state, or a tuple whose first element
-    # it is (attention weights, caches follow); only the hidden state is gated.
+    # it is (attention weights, caches follow); only the hidden state is routed.
     if isinstance(output, torch.Tensor):
-        return gate(output, mask, leak)
+        return fn(output)
     if isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
-        return (gate(output[0], mask, leak), *output[1:])
+        return (fn(output[0]), *output[1:])
     raise TypeError(
-        f"model: layer {point - 1} ({type(layer).__name__}) returned a {type(output).__name__}; "
+        f"model: layer {layer._cggr_point - 1} ({type(layer).__name__}) returned a {type(output).__name__}; "
         "expected the hidden state or a tuple starting with it"
     )
+
+
+def _reordered(hidden: torch.Tensor, part: Partition, move: Callable[[torch.Tensor, Partition], torch.Tensor]
+               ) -> torch.Tensor:
+    """``hidden`` ``(batch, seq, ...)`` with its tokens moved by ``move`` (into or out of partition order)."""
+    return move(hidden.reshape(part.place.numel(), *hidden.shape[2:]), part).reshape(hidden.shape)
+
+
+def _streams_with(gates: _Gates, layer: int, part: Partition) -> bool:
+    """Whether ``layer`` exists and takes its hidden states in the order of ``part``."""
+    return (gates.streamed is not None and 0 <= layer < len(gates.streamed) and gates.streamed[layer]
+            and gates.partitions[layer] is part)
 
 
 def _gated_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -75,14 +91,33 @@ def _gated_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     gradient-checkpointing region (``GradientCheckpointingLayer.__call__``
     checkpoints ``nn.Module.__call__``): the recomputation in backward reruns
     the layer alone, exactly as it ran in forward.
+
+    A streamed layer (``gates.streamed``) runs with its tokens in the order
+    of its partition, the routed rows first: its token-wise modules then
+    split their rows by slicing, and only attention, which needs the tokens
+    in place, moves them (its input projections' outputs back, its output
+    projection's input forth). Consecutive streamed layers of one partition
+    pass the hidden state on in that order; it is moved in before the first
+    and back after the last.
     """
     call = super(type(self), self).__call__
-    masks, leak, point = self._cggr_gates.masks, self._cggr_gates.leak, self._cggr_point
+    gates, point = self._cggr_gates, self._cggr_point
+    masks, leak = gates.masks, gates.leak
     if masks is None:
         return call(*args, **kwargs)
     if point == 1:
-        args, kwargs = _gate_input(self, args, kwargs, masks[0], leak)
-    return _gate_output(self, call(*args, **kwargs), point, masks[point], leak)
+        args, kwargs = _map_input(self, args, kwargs, lambda hidden: gate(hidden, masks[0], leak))
+    layer = point - 1
+    part = None if gates.partitions is None else gates.partitions[layer]
+    if part is None or not _streams_with(gates, layer, part):
+        return _map_output(self, call(*args, **kwargs), lambda hidden: gate(hidden, masks[point], leak))
+    if not _streams_with(gates, layer - 1, part):
+        args, kwargs = _map_input(self, args, kwargs, lambda hidden: _reordered(hidden, part, to_partition_order))
+    mask = masks[point].reshape(-1).index_select(0, part.order).reshape(masks[point].shape)
+    output = _map_output(self, call(*args, **kwargs), lambda hidden: gate(hidden, mask, leak))
+    if not _streams_with(gates, layer + 1, part):
+        output = _map_output(self, output, lambda hidden: _reordered(hidden, part, from_partition_order))
+    return output
 
 
 def _token_wise_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -98,7 +133,11 @@ def _token_wise_call(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
     mask = gates.masks[point]
     part = None if gates.partitions is None else gates.partitions[point - 1]
     if part is not None:
-        return call_compacted(call, part, tuple(mask.shape), args, kwargs)
+        # In a streamed layer the stream's rows are in partition order; attention's are in place.
+        role = self._cggr_role if gates.streamed is not None and gates.streamed[point - 1] else None
+        return call_compacted(call, part, tuple(mask.shape), args, kwargs,
+                              ordered_in=role in ("stream", "attention_in"),
+                              ordered_out=role in ("stream", "attention_out"))
     output = call(*args, **kwargs)
     if not isinstance(output, torch.Tensor) or tuple(output.shape[: mask.dim()]) != tuple(mask.shape):
         raise TypeError(
@@ -129,16 +168,16 @@ def _rebinding_checkpoint(self: nn.Module) -> Callable[..., Any]:
         # region: the recomputation (in backward, after the call has cleared
         # them, perhaps on another thread) must see the call's gates again.
         gates = self._cggr_gates
-        call_gates = (gates.masks, gates.partitions, gates.mask_neutral)
+        call_gates = (gates.masks, gates.partitions, gates.streamed, gates.mask_neutral)
 
         def rebound(*inner_args: Any, **inner_kwargs: Any) -> Any:
-            outer_gates = (gates.masks, gates.partitions, gates.mask_neutral)
-            gates.masks, gates.partitions, gates.mask_neutral = call_gates
+            outer_gates = (gates.masks, gates.partitions, gates.streamed, gates.mask_neutral)
+            gates.masks, gates.partitions, gates.streamed, gates.mask_neutral = call_gates
             try:
                 with _reparametrize_module(self, tensors):
                     return function(*inner_args, **inner_kwargs)
             finally:
-                gates.masks, gates.partitions, gates.mask_neutral = outer_gates
+                gates.masks, gates.partitions, gates.streamed, gates.mask_neutral = outer_gates
 
         return checkpoint(rebound, *args, **kwargs)
 
@@ -155,6 +194,11 @@ _TOKEN_WISE = {"__call__": _token_wise_call}
 # name, and every linear map elsewhere (attention projections; all of an
 # encoder's dense layers). Attention itself mixes tokens and stays whole.
 _MLP_NAMES = ("mlp",)
+# The layers that can run streamed (in partition order): every token-wise
+# module is the MLP or a projection of the one attention module, by these names.
+_STREAMED_LAYERS = ("LlamaDecoderLayer", "MistralDecoderLayer", "Qwen2DecoderLayer", "GPT2Block")
+_ATTENTION_INPUTS = ("q_proj", "k_proj", "v_proj", "c_attn")
+_ATTENTION_OUTPUTS = ("o_proj", "c_proj")
 
 
 def _linear_types() -> tuple[type, ...]:
@@ -179,6 +223,43 @@ def _token_wise_paths(layer: nn.Module) -> list[str]:
     return paths
 
 
+def _stream_roles(layer: nn.Module, paths: list[str]) -> dict[str, str] | None:
+    """Each token-wise path's role in a streamed layer, or ``None`` if the layer cannot run streamed.
+
+    ``"stream"`` modules take and give rows in partition order;
+    ``"attention_in"`` take them in that order and give them back in place;
+    ``"attention_out"`` the reverse.
+    """
+    if type(layer).__name__ not in _STREAMED_LAYERS:
+        return None
+    attentions = [name for name, module in layer.named_modules() if name and _routed_attention.routable(module)]
+    if len(attentions) != 1:
+        return None
+    roles = {}
+    for path in paths:
+        parent, _, name = path.rpartition(".")
+        if parent == attentions[0] and name in _ATTENTION_INPUTS:
+            roles[path] = "attention_in"
+        elif parent == attentions[0] and name in _ATTENTION_OUTPUTS:
+            roles[path] = "attention_out"
+        elif path in _MLP_NAMES:
+            roles[path] = "stream"
+        else:
+            return None
+    return roles if {"attention_in", "attention_out", "stream"} == set(roles.values()) else None
+
+
+def _hooked(layer: nn.Module) -> bool:
+    """Whether a hook could see the layer's hidden states (which a streamed layer holds out of place)."""
+    from torch.nn.modules import module as module_globals
+
+    if (module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks
+            or module_globals._global_backward_hooks or module_globals._global_backward_pre_hooks):
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in layer.modules())
+
+
 def _own_copy(layer: nn.Module, path: str, copied: set[int]) -> nn.Module:
     """The module at ``path`` in the layer's view, follower-copied (with its ancestors) so the view may change it."""
     node = layer
@@ -192,17 +273,21 @@ def _own_copy(layer: nn.Module, path: str, copied: set[int]) -> nn.Module:
     return node
 
 
-def _route_token_wise(layer: nn.Module, gates: _Gates, point: int, copied: set[int]) -> None:
-    """Swap (inside the layer's view) each token-wise module for a routed follower copy."""
-    for path in _token_wise_paths(layer):
+def _route_token_wise(layer: nn.Module, gates: _Gates, point: int, copied: set[int]) -> bool:
+    """Swap (inside the layer's view) each token-wise module for a routed follower copy; whether it can stream."""
+    paths = _token_wise_paths(layer)
+    roles = _stream_roles(layer, paths)
+    for path in paths:
         parent_path, _, name = path.rpartition(".")
         parent = _own_copy(layer, parent_path, copied) if parent_path else layer
         original = parent._modules[name]
         routed = follower_copy(original, follower_class(type(original), _TOKEN_WISE))
         routed.__dict__["_cggr_gates"] = gates
         routed.__dict__["_cggr_point"] = point
+        routed.__dict__["_cggr_role"] = None if roles is None else roles[path]
         parent._modules[name] = routed
         copied.add(id(routed))
+    return roles is not None
 
 
 def _route_attention(layer: nn.Module, gates: _Gates, point: int, copied: set[int], route_queries: bool) -> None:
@@ -251,13 +336,18 @@ class DepthRoutedForward:
         return self.call_module(self.module, params, depth, args, kwargs, capacity=capacity)
 
     def call_module(self, module: nn.Module, params: Mapping[str, torch.Tensor], depth: torch.Tensor,
-                    args: tuple[Any, ...], kwargs: dict[str, Any], *, capacity: int | Sequence[int] | None) -> Any:
+                    args: tuple[Any, ...], kwargs: dict[str, Any], *, capacity: int | Sequence[int] | None,
+                    levels: Sequence[int] | None = None) -> Any:
         """Call ``module`` (this view's root, or a module of it that contains the stack) under the gates of ``depth``.
 
-        ``params`` are named relative to ``module``.
+        ``params`` are named relative to ``module``. ``levels``: every value
+        ``depth`` can take, where the caller knows them (a selection's 0 and
+        full depth, a bucketing's tiers): layers that these values give the
+        same mask share one partition, and their hidden states stay in its
+        order from one to the next.
         """
         masks = depth_masks(depth, num_layers=self.num_layers)
-        partitions = self._partitions(masks, capacity)
+        partitions = self._partitions(masks, capacity, depth, levels)
         if any(_checkpointing(layer) for layer in self._layers) and inside_torch_func():
             # PyTorch's checkpoint cannot run inside torch.func transforms (its
             # saved-tensor hooks and its reentrant autograd.Function are refused).
@@ -267,16 +357,26 @@ class DepthRoutedForward:
                 "loss.backward() or torch.autograd.grad, or call model.gradient_checkpointing_disable()"
             )
         self._gates.masks, self._gates.partitions = masks, partitions
+        self._gates.streamed = None if partitions is None else self._streamed(partitions, kwargs)
         self._gates.mask_neutral = len(args) <= 1 and all(
             name in _MASK_NEUTRAL or value is None for name, value in kwargs.items())
         try:
             names = self._names if module is self.module else tensor_names(module)
             return functional_call(module, select_tensors(params, names), args, {**self._defaults, **kwargs})
         finally:
-            self._gates.masks = self._gates.partitions = None
+            self._gates.masks = self._gates.partitions = self._gates.streamed = None
             self._gates.mask_neutral = False
 
-    def _partitions(self, masks: list[torch.Tensor], capacity: int | Sequence[int] | None) -> list[Partition | None] | None:
+    def _streamed(self, partitions: list[Partition | None], kwargs: dict[str, Any]) -> list[bool]:
+        # Hidden states out of place must not be seen: not as outputs, not by hooks.
+        if kwargs.get("output_hidden_states", getattr(getattr(self.module, "config", None), "output_hidden_states",
+                                                      False)):
+            return [False] * len(partitions)
+        return [part is not None and layer._cggr_streamable and not _hooked(layer)
+                for part, layer in zip(partitions, self._layers)]
+
+    def _partitions(self, masks: list[torch.Tensor], capacity: int | Sequence[int] | None, depth: torch.Tensor,
+                    levels: Sequence[int] | None) -> list[Partition | None] | None:
         if capacity is None:
             return None
         if self.leak != 0.0:
@@ -285,13 +385,29 @@ class DepthRoutedForward:
         capacities = [capacity] * self.num_layers if not isinstance(capacity, Sequence) else list(capacity)
         if len(capacities) != self.num_layers:
             raise ValueError(f"capacity: expected an int or one int per layer ({self.num_layers}), got {len(capacities)}")
+        if levels is not None and _checks.value_checks_enabled() and depth.numel() > 0:
+            if not bool(torch.isin(depth, torch.tensor(list(levels), device=depth.device)).all()):  # sync-ok: checking
+                raise ValueError(f"depth: expected only the levels {sorted(levels)}, got {sorted(depth.unique().tolist())}")
         partitions: list[Partition | None] = []
+        shared: dict[tuple[int, int], Partition] = {}
         for layer, cap in enumerate(capacities):
-            # Layer i trains the tokens open at its output gate (point i + 1).
+            # Layer i trains the tokens open at its output gate (point i + 1): depth >= L - i.
             mask = masks[layer + 1]
             check_capacity(cap, mask, f"capacity[{layer}]" if isinstance(capacity, Sequence) else "capacity")
             # A layer that every token may train runs whole: the same gradients, no gathers.
-            partitions.append(None if cap == mask.numel() else partition(mask, cap))
+            if cap == mask.numel():
+                partitions.append(None)
+                continue
+            # Given the levels, depth >= L - i holds exactly where depth >= the least level at or above L - i.
+            reaching = [] if levels is None else [level for level in levels if level >= self.num_layers - layer]
+            key = None if levels is None else (min(reaching) if reaching else -1, cap)
+            if key not in shared:
+                part = partition(mask, cap)
+                if key is None:
+                    partitions.append(part)
+                    continue
+                shared[key] = part
+            partitions.append(shared[key])
         return partitions
 
     def __repr__(self) -> str:
@@ -382,7 +498,7 @@ def depth_routed_forward(model: nn.Module, *, parts: ModelParts | None = None, l
         layer.__dict__["_cggr_gates"] = gates
         layer.__dict__["_cggr_point"] = index + 1
         copied = {id(layer)}
-        _route_token_wise(layer, gates, index + 1, copied)
+        layer.__dict__["_cggr_streamable"] = _route_token_wise(layer, gates, index + 1, copied)
         _route_attention(layer, gates, index + 1, copied, route_attention)
         stack._modules[name] = layer
         layers.append(layer)

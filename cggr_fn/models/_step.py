@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from cggr_fn import _checks
-from cggr_fn._bucketing import bucket_capacity, bucket_depth
+from cggr_fn._bucketing import bucket_capacity, bucket_depth, tier_depths
 from cggr_fn._compaction import partition, to_partition_order
 from cggr_fn._curriculum import Step
 from cggr_fn._distributed import Group, check_group, check_unsharded, global_select, rank_capacity, rank_index, rescale
@@ -135,7 +135,8 @@ class CGGRLoss:
                                  warmup_steps=self.warmup_steps)
             layer_capacity = bucket_capacity(n, self.capacity_step, num_layers=self.num_layers,
                                              num_buckets=self.num_buckets, warmup_steps=self.warmup_steps)
-            hidden = self.forward.call_module(base, base_params, depth, (), kwargs, capacity=layer_capacity)[0]
+            hidden = self.forward.call_module(base, base_params, depth, (), kwargs, capacity=layer_capacity,
+                                              levels=tier_depths(self.num_layers, self.num_buckets))[0]
             # Every labelled token trains the head: the mean over them is the model's own loss.
             loss = self._head_loss(params, hidden.reshape(n, hidden.shape[-1]), flat_targets, labelled, None, "selected")
             return self._across(loss, labelled.sum()), Routing(depth, scores, labelled.reshape(targets.shape).to(scores.dtype))
@@ -152,7 +153,8 @@ class CGGRLoss:
         depth = torch.where(mask, self.num_layers, 0)
         k = (capacity(n, ratio=self.ratio) if self.scope != "global" else
              rank_capacity(n, ratio=self.ratio, capacity_factor=self.capacity_factor, group=self.group))
-        hidden = self.forward.call_module(base, base_params, depth, (), kwargs, capacity=k)[0]
+        hidden = self.forward.call_module(base, base_params, depth, (), kwargs, capacity=k,
+                                          levels=(0, self.num_layers))[0]
         # Only the selected tokens reach the head: its forward and backward run on k rows.
         part = partition(mask, k)
         rows = to_partition_order(hidden.reshape(n, hidden.shape[-1]), part)[:k]
