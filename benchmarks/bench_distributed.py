@@ -202,6 +202,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
                     not in replaced]
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps({"runs": runs, "rows": with_scaling(kept + rows)}, indent=1))
+        dist.barrier()  # tearing down while a peer still talks to this rank aborts gloo's threads: leave together
     finally:
         dist.destroy_process_group()
     return rows

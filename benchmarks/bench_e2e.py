@@ -7,6 +7,9 @@ Run on a CUDA machine, one model per call (each fits in one ten-minute call)::
     python benchmarks/bench_e2e.py --merge benchmarks/results/e2e_135m.json benchmarks/results/e2e_1b.json \
         --out benchmarks/results/e2e.json
 
+A run a time limit cuts short leaves its finished rows in ``OUT.partial``;
+``--merge`` takes such a file too and marks its run ``cut_short``.
+
 ``--warm-parallel K --modes ...`` compiles the modes in K processes side by
 side first (:func:`warm_caches`), so that a run of every mode fits in one call.
 
@@ -308,7 +311,9 @@ def run(name: str, iters: int, cudagraphs: bool, modes: list[str] | None, partia
                 torch.cuda.empty_cache()
                 continue
             row = {"model": name, "mode": mode, "tokens_per_step": ids.numel(), "median_step_ms": round(ms, 3),
-                   "times_ms": [round(t, 3) for t in times], "peak_mem_gb": round(peak, 3),
+                   "times_ms": [round(t, 3) for t in times],
+                   # CUDA graphs hold the step's memory in their pool, allocated at capture: the timed steps show none.
+                   "peak_mem_gb": None if cudagraphs and mode != "dense_eager" else round(peak, 3),
                    "flop_model_speedup": round(flop_model("dense", f) / flop_model(mode, f), 3),
                    "compile_and_warmup_s": round(time.perf_counter() - t0 - ms * iters / 1e3, 1)}
             row["profile"] = profile(step_fn, params, ids, step)
@@ -325,6 +330,11 @@ def run(name: str, iters: int, cudagraphs: bool, modes: list[str] | None, partia
         except Exception as error:  # reported, not hidden
             result["checks"]["cuda_graphs"] = {"error": f"{type(error).__name__}: {error}"[:2000]}
         print("cuda graph check", result["checks"]["cuda_graphs"], flush=True)
+    return with_speedups(result)
+
+
+def with_speedups(result: dict) -> dict:
+    """Each row's ``speedup_vs_dense`` against the run's fastest compiled dense row, and its share of the FLOP bound."""
     dense = [r["median_step_ms"] for r in result["rows"]
              if r["mode"] in ("dense", "dense_ce", "dense_ce_causal", "dense_liger") and "median_step_ms" in r]
     if dense:
@@ -390,6 +400,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.merge:
         parts = [json.load(open(path)) for path in args.merge]
+        for path, part in zip(args.merge, parts):
+            if path.endswith(".partial"):  # a run a time limit cut short: its finished rows, marked as such
+                part["run"] = {**with_speedups(part["run"]), "cut_short": True}
         merged = {"environment": parts[0]["environment"], "runs": [p["run"] for p in parts],
                   "rows": [row for p in parts for row in p["run"]["rows"]]}
         json.dump(merged, open(args.out, "w"), indent=1)
