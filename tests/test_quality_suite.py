@@ -91,6 +91,30 @@ def test_finished_runs_are_on_disk_before_the_suite_ends(tmp_path: Path, monkeyp
     assert json.loads(out.read_text())["summary"] == rebuilt["summary"]
 
 
+def test_a_resumed_suite_trains_only_the_missing_runs_and_matches_one_call(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    modes = ["--modes", "dense,random_token,excess"]
+    whole = quality.main([*TINY, *modes, "--out", str(tmp_path / "whole.json")])["rows"]
+    out = tmp_path / "resumed.json"
+    first = quality.main([*TINY, "--modes", "dense", "--out", str(out)])["rows"]
+    trained: list[str] = []
+    original = quality.train_mode
+
+    def counted(mode, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        trained.append(mode)
+        return original(mode, *args, **kwargs)
+
+    monkeypatch.setattr(quality, "train_mode", counted)
+    resumed = quality.main([*TINY, *modes, "--resume", "--out", str(out)])["rows"]
+    assert trained == ["random_token", "excess"]
+    assert resumed[0] == first[0]  # kept as saved, its wall-clock included
+    assert [r["final_val_loss"] for r in resumed] == [r["final_val_loss"] for r in whole]
+    with pytest.raises(SystemExit, match="configured differently: reference_steps, steps"):
+        quality.main([*TINY, *modes, "--steps", "6", "--resume", "--out", str(out)])
+    with pytest.raises(SystemExit, match="--resume: neither"):
+        quality.main([*TINY, "--resume", "--out", str(tmp_path / "never.json")])
+
+
 def test_a_token_file_trains_exactly_like_the_corpus_it_was_written_from(tmp_path: Path) -> None:
     tokens = tmp_path / "sample_tokens.pt"
     assert quality.main([*TINY, "--write-tokens", str(tokens), "--out", str(tmp_path / "unused.json")]) == {
