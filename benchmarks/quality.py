@@ -347,6 +347,7 @@ def run_setting(setting: str, args: argparse.Namespace, record: Callable[[Run], 
     """Every run of one setting; ``record`` sees each run as it finishes. Runs in ``kept`` (by :func:`run_key`,
     from an earlier call of the same suite) are taken as they are, not trained again."""
     kept = kept or {}
+    budgets = ("steps", "wall_clock") if args.equal_wall_clock else ("steps",)
     device = torch.device(args.device)
     base_model, tokenizer = (None, None)
     if setting == "finetune":
@@ -375,11 +376,8 @@ def run_setting(setting: str, args: argparse.Namespace, record: Callable[[Run], 
             init = base_model.to(device)
         init_state = {k: v.detach().clone() for k, v in init.state_dict().items()}
         reference_model, reference_params, reference_s = None, None, 0.0
-        budgets = ("steps", "wall_clock") if args.equal_wall_clock else ("steps",)
-        to_train = {m for m in args.modes for r in args.ratios for budget in budgets
-                    if (setting, budget, m, shown_ratio(m, r), seed) not in kept
-                    and not (budget == "wall_clock" and m == "dense")}
-        if to_train & set(NEEDS_REFERENCE):
+        if any(run_key(setting, budget, mode, ratio, seed) not in kept
+               for mode in NEEDS_REFERENCE if mode in args.modes for ratio in args.ratios for budget in budgets):
             if base_model is None:
                 # A smaller model of the same family, trained first on other batches (its cost is counted).
                 torch.manual_seed(seed + 10_000)
@@ -399,7 +397,7 @@ def run_setting(setting: str, args: argparse.Namespace, record: Callable[[Run], 
         for mode in args.modes:
             once = mode in ("dense", "buckets_4")  # neither takes a ratio: one run per seed
             for ratio in args.ratios[:1] if once else args.ratios:
-                run = kept.get((setting, "steps", mode, shown_ratio(mode, ratio), seed))
+                run = kept.get(run_key(setting, "steps", mode, ratio, seed))
                 if run is None:
                     curve, step_ms, offset = train_mode(mode, ratio, args.steps, seed, init, init_state, corpus, args,
                                                         reference)
@@ -422,9 +420,9 @@ def shown_ratio(mode: str, ratio: float) -> float:
     return {"dense": 1.0, "buckets_4": BUCKETS_SHARE}.get(mode, ratio)
 
 
-def run_key(run: Run) -> tuple:
-    """What identifies a run within a suite: setting, budget, mode, ratio and seed."""
-    return run.setting, run.budget, run.mode, run.ratio, run.seed
+def run_key(setting: str, budget: str, mode: str, ratio: float, seed: int) -> tuple:
+    """What identifies a run within a suite (a :class:`Run`'s first five fields, its ratio as shown)."""
+    return setting, budget, mode, shown_ratio(mode, ratio), seed
 
 
 class Reference(NamedTuple):
@@ -454,7 +452,7 @@ def train_mode(mode: str, ratio: float, steps: int, seed: int, init: torch.nn.Mo
 
 def equal_wall_clock_runs(setting: str, seed: int, finished: list[Run], init: torch.nn.Module,
                           init_state: dict[str, torch.Tensor], corpus: Corpus, args: argparse.Namespace,
-                          reference: Reference, kept: dict[tuple, Run] | None = None) -> list[Run]:
+                          reference: Reference, kept: dict[tuple, Run]) -> list[Run]:
     """Every mode again with as many steps as fit in dense's wall-clock (its reference's time included),
     at its own measured step time; the learning rate decays over that budget."""
     dense = next((r for r in finished if r.mode == "dense"), None)
@@ -469,7 +467,7 @@ def equal_wall_clock_runs(setting: str, seed: int, finished: list[Run], init: to
             print(f"[{setting}] seed {seed} {previous.mode}: its reference alone takes dense's wall-clock; no run",
                   flush=True)
             continue
-        done = (kept or {}).get(run_key(previous._replace(budget="wall_clock")))
+        done = kept.get(run_key(setting, "wall_clock", previous.mode, previous.ratio, seed))
         if done is not None:
             runs.append(done)
             continue
@@ -686,7 +684,7 @@ def resumable_runs(out: Path, partial: Path, args: argparse.Namespace, head: dic
     if saved["environment"]["device"] != head["environment"]["device"]:
         raise SystemExit(f"--resume: the saved runs were timed on {saved['environment']['device']}, this is "
                          f"{head['environment']['device']}: their wall-clocks would not compare")
-    return {run_key(run): run for run in runs}
+    return {run_key(*run[:5]): run for run in runs}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -387,7 +387,8 @@ class DepthRoutedForward:
             raise ValueError(f"capacity: expected an int or one int per layer ({self.num_layers}), got {len(capacities)}")
         if levels is not None and _checks.value_checks_enabled() and depth.numel() > 0:
             if not bool(torch.isin(depth, torch.tensor(list(levels), device=depth.device)).all()):  # sync-ok: checking
-                raise ValueError(f"depth: expected only the levels {sorted(levels)}, got {sorted(depth.unique().tolist())}")
+                found = sorted(depth.unique().tolist())  # sync-ok: the error message, under checking() only
+                raise ValueError(f"depth: expected only the levels {sorted(levels)}, got {found}")
         partitions: list[Partition | None] = []
         shared: dict[tuple[int, int], Partition] = {}
         for layer, cap in enumerate(capacities):
