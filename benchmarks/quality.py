@@ -594,7 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-every", type=int, default=50, help="steps between validation evaluations")
     parser.add_argument("--val-windows", type=int, default=64, help="validation windows of --seq-len tokens")
     parser.add_argument("--val-fraction", type=float, default=0.1, help="share of the text held out (its end)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (float32 matmuls on TF32 there)")
     parser.add_argument("--compile", action="store_true", help="torch.compile every loss with fullgraph=True")
     parser.add_argument("--fused-head", action="store_true", help="cggr_loss(fused_head=True) in the CGGR modes")
     parser.add_argument("--equal-wall-clock", action="store_true",
@@ -634,6 +634,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.reference_steps = max(1, args.steps // 2)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device: cuda was asked for, but torch sees no CUDA device")
+    if args.device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")  # TF32: what anyone training float32 on a GPU turns on
     return args
 
 
@@ -646,7 +648,8 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
 
     return {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu",
             "torch": torch.__version__, "triton": triton.__version__, "transformers": transformers.__version__,
-            "cggr_fn": cggr_fn.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+            "cggr_fn": cggr_fn.__version__, "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "float32_matmul_precision": torch.get_float32_matmul_precision()}
 
 
 def write_report(out: Path, head: dict[str, Any], runs: list[Run]) -> dict[str, Any]:
