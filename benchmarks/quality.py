@@ -294,6 +294,14 @@ def evaluate(model: torch.nn.Module, val: torch.Tensor, seq_len: int, max_window
     return total / tokens
 
 
+def charged_seconds(step_times: Sequence[float]) -> float:
+    """The wall-clock charged for these steps: the first step pays one-time costs (compilation, first use of a
+    kernel), so it is charged at the second step's time instead (a one-step run at its own)."""
+    if len(step_times) < 2:
+        return sum(step_times)
+    return step_times[1] + sum(step_times[1:])
+
+
 def train(model: torch.nn.Module, loss_fn: LossFn, data: torch.Tensor, starts: torch.Tensor, args: argparse.Namespace,
           val: torch.Tensor | None, *, clock_offset: float = 0.0, reference: dict[str, torch.Tensor] | None = None,
           ema: cggr_fn.Ema | None = None) -> tuple[list[tuple[int, float, float]], list[float]]:
@@ -308,9 +316,13 @@ def train(model: torch.nn.Module, loss_fn: LossFn, data: torch.Tensor, starts: t
     device = next(model.parameters()).device
     params = dict(model.named_parameters())
     optimizer = torch.optim.AdamW(params.values(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    if args.compile:
+        # Every run compiles its own loss; without a reset the runs of a suite pile up versions of the same
+        # code (each later step checks the guards of all of them) until Dynamo's recompile limit refuses one.
+        torch._dynamo.reset()
     step_fn = torch.compile(loss_fn, fullgraph=True) if args.compile else loss_fn
     state = ema.init(params) if ema is not None else None
-    curve, step_times, clock = [], [], clock_offset
+    curve, step_times = [], []
     steps = len(starts)
     for step in range(steps):
         ids = windows(data, starts[step], args.seq_len).to(device)
@@ -325,15 +337,10 @@ def train(model: torch.nn.Module, loss_fn: LossFn, data: torch.Tensor, starts: t
             state = ema.update(state, params)
         if device.type == "cuda":
             torch.cuda.synchronize()
-        elapsed = time.perf_counter() - begin
-        step_times.append(elapsed)
-        # The first step pays one-time costs (compilation, first use of a kernel):
-        # it is charged at the second step's time instead.
-        clock += 0.0 if step == 0 else elapsed * (2 if step == 1 else 1)
-        if steps == 1:
-            clock += elapsed
+        step_times.append(time.perf_counter() - begin)
         if val is not None and ((step + 1) % args.eval_every == 0 or step + 1 == steps):
             model.eval()
+            clock = clock_offset + charged_seconds(step_times)
             curve.append((step + 1, round(clock, 3), evaluate(model, val, args.seq_len, args.val_windows, args.batch_size)))
             model.train()
     return curve, step_times
@@ -384,9 +391,9 @@ def run_setting(setting: str, args: argparse.Namespace, record: Callable[[Run], 
                 reference_model = small_llama(corpus.vocab_size, args, args.reference_layers).to(device)
                 ref_starts = batch_starts(len(corpus.train), steps=args.reference_steps, batch_size=args.batch_size,
                                           seq_len=args.seq_len, seed=seed + 10_000)
-                begin = time.perf_counter()
-                train(reference_model, make_loss("dense", 1.0, reference_model, args, None), corpus.train, ref_starts, args, None)
-                reference_s = time.perf_counter() - begin
+                _, reference_steps = train(reference_model, make_loss("dense", 1.0, reference_model, args, None),
+                                           corpus.train, ref_starts, args, None)
+                reference_s = charged_seconds(reference_steps)  # charged like every run's steps
                 reference_params = {k: v.detach().clone() for k, v in reference_model.named_parameters()}
             else:
                 # Fine-tuning: the pretrained model before any update is the reference (no extra training).

@@ -138,6 +138,24 @@ def _run(mode: str, ratio: float, seed: int, val: float, curve: list[tuple[int, 
     return quality.Run("pretrain", "steps", mode, ratio, seed, val, curve[-1][1], curve[-1][0], 1.0, 0.0, curve)
 
 
+def test_compiled_runs_of_a_suite_do_not_pile_up_against_the_recompile_limit(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every CGGR mode runs the same code (a cggr_loss call) configured differently: without a reset per run, a
+    # second mode is a recompile, and at a limit of 1 fullgraph=True refuses it (at the default 8, a full suite's
+    # ninth mode).
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    report = quality.main([*TINY, "--steps", "2", "--modes", "random_token,topk_loss", "--compile",
+                           "--out", str(tmp_path / "q.json")])
+    assert [r["mode"] for r in report["rows"]] == ["random_token", "topk_loss"]
+
+
+def test_the_clock_charges_the_first_step_at_the_seconds_time() -> None:
+    assert quality.charged_seconds([9.0, 1.0, 2.0]) == 4.0  # compilation in the first step is not charged
+    assert quality.charged_seconds([3.0]) == 3.0 and quality.charged_seconds([]) == 0
+
+
 def test_summary_statistics() -> None:
     runs = [
         _run("dense", 1.0, 0, 2.0, [(1, 1.0, 3.0), (2, 2.0, 2.0)]),
