@@ -138,16 +138,15 @@ def _run(mode: str, ratio: float, seed: int, val: float, curve: list[tuple[int, 
     return quality.Run("pretrain", "steps", mode, ratio, seed, val, curve[-1][1], curve[-1][0], 1.0, 0.0, curve)
 
 
-def test_compiled_runs_of_a_suite_do_not_pile_up_against_the_recompile_limit(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_compiled_runs_of_a_suite_do_not_pile_up_against_the_recompile_limit(tmp_path: Path) -> None:
     # Every CGGR mode runs the same code (a cggr_loss call) configured differently: without a reset per run, a
     # second mode is a recompile, and at a limit of 1 fullgraph=True refuses it (at the default 8, a full suite's
     # ninth mode).
     import torch._dynamo
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    report = quality.main([*TINY, "--steps", "2", "--modes", "random_token,topk_loss", "--compile",
-                           "--out", str(tmp_path / "q.json")])
+    with torch._dynamo.config.patch(recompile_limit=1):  # the config's own patch: it restores aliases too
+        report = quality.main([*TINY, "--steps", "2", "--modes", "random_token,topk_loss", "--compile",
+                               "--out", str(tmp_path / "q.json")])
     assert [r["mode"] for r in report["rows"]] == ["random_token", "topk_loss"]
 
 
