@@ -307,7 +307,7 @@ def train(model: torch.nn.Module, loss_fn: LossFn, data: torch.Tensor, starts: t
           ema: cggr_fn.Ema | None = None) -> tuple[list[tuple[int, float, float]], list[float]]:
     """Train in place; evaluate every ``--eval-every`` steps (evaluation time excluded from the clock).
 
-    The clock charges the first step (compilation, first use) at the second step's time.
+    The clock is :func:`charged_seconds` of the steps so far.
 
     ``reference``: fixed reference parameters passed to every step; ``ema``:
     the reference is the running average of the model's own parameters,
@@ -641,8 +641,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.reference_steps = max(1, args.steps // 2)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device: cuda was asked for, but torch sees no CUDA device")
-    if args.device.startswith("cuda"):
-        torch.set_float32_matmul_precision("high")  # TF32: what anyone training float32 on a GPU turns on
     return args
 
 
@@ -699,6 +697,8 @@ def resumable_runs(out: Path, partial: Path, args: argparse.Namespace, head: dic
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")  # TF32: what anyone training float32 on a GPU turns on
     out = Path(args.out)
     partial = out.with_name(out.name + ".partial")
     if args.replot:

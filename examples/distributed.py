@@ -99,11 +99,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         device = torch.device("cuda", torch.cuda.current_device())
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    log = train(args, device, rank, world)
-    # Tearing down while a peer still talks to this rank aborts gloo's threads: leave together.
-    dist.barrier()
-    dist.destroy_process_group()
-    return log
+    try:
+        log = train(args, device, rank, world)
+        dist.barrier()  # tearing down while a peer still talks to this rank aborts gloo's threads: leave together
+        return log
+    finally:
+        dist.destroy_process_group()
 
 
 def train(args: argparse.Namespace, device: torch.device, rank: int, world: int) -> list[dict[str, Any]]:
