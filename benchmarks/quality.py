@@ -29,9 +29,12 @@ a reference model's, top-k), ``excess_priority`` and ``excess_trim`` (the
 hardest 5% of excess dropped); ``ema_excess`` (reference = the loss under an
 EMA of the parameters, step 0.05); ``sequence_excess`` and ``sequence_loss``
 (whole sequences by mean excess / mean loss, :func:`hardest_sequence_loss`).
-The reference of the excess modes is a smaller model of the same family
-trained first on other batches (pretrain) or the pretrained model itself
-(finetune); its training time is added to every excess mode's wall-clock.
+The reference of the excess modes is trained first, densely, for
+``--reference-steps`` on batches the runs do not draw: a smaller model of the
+same family from random init (pretrain), or a copy of the pretrained model
+(finetune: RHO-LOSS's holdout model; ``--reference-steps 0`` takes the
+pretrained model unchanged, which measures forgetting more than
+learnability). Its training time is added to every excess mode's wall-clock.
 
 Scores come from the model itself (``router_layers`` = all layers) unless
 ``--router-layers`` says otherwise. Wall-clock is measured on the device the
@@ -50,6 +53,7 @@ trains on the result, so a GPU machine needs none of them.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -389,16 +393,14 @@ def run_setting(setting: str, args: argparse.Namespace, record: Callable[[Run], 
                 # A smaller model of the same family, trained first on other batches (its cost is counted).
                 torch.manual_seed(seed + 10_000)
                 reference_model = small_llama(corpus.vocab_size, args, args.reference_layers).to(device)
-                ref_starts = batch_starts(len(corpus.train), steps=args.reference_steps, batch_size=args.batch_size,
-                                          seq_len=args.seq_len, seed=seed + 10_000)
-                _, reference_steps = train(reference_model, make_loss("dense", 1.0, reference_model, args, None),
-                                           corpus.train, ref_starts, args, None)
-                reference_s = charged_seconds(reference_steps)  # charged like every run's steps
-                reference_params = {k: v.detach().clone() for k, v in reference_model.named_parameters()}
+                reference_s = train_reference(reference_model, corpus, args, seed)
             else:
-                # Fine-tuning: the pretrained model before any update is the reference (no extra training).
-                reference_model = init
-                reference_params = {k: v.detach().clone() for k, v in init.named_parameters()}
+                # Fine-tuning: the pretrained model, fine-tuned densely on other batches of the target text
+                # (RHO-LOSS's holdout model; its cost is counted), or, with --reference-steps 0, as it is.
+                reference_model = copy.deepcopy(init)
+                if args.reference_steps:
+                    reference_s = train_reference(reference_model, corpus, args, seed)
+            reference_params = {k: v.detach().clone() for k, v in reference_model.named_parameters()}
             reference_model.eval()
         reference = Reference(reference_model, reference_params, reference_s)
         for mode in args.modes:
@@ -420,6 +422,14 @@ def run_setting(setting: str, args: argparse.Namespace, record: Callable[[Run], 
                 runs.append(run)
                 record(run)
     return runs
+
+
+def train_reference(model: torch.nn.Module, corpus: Corpus, args: argparse.Namespace, seed: int) -> float:
+    """Train a reference densely for ``--reference-steps`` on batches no run of this seed draws; its charged seconds."""
+    starts = batch_starts(len(corpus.train), steps=args.reference_steps, batch_size=args.batch_size,
+                          seq_len=args.seq_len, seed=seed + 10_000)
+    _, step_times = train(model, make_loss("dense", 1.0, model, args, None), corpus.train, starts, args, None)
+    return charged_seconds(step_times)  # charged like every run's steps
 
 
 def shown_ratio(mode: str, ratio: float) -> float:
@@ -595,7 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--layers", type=int, default=4, help="pretrain: model depth")
     parser.add_argument("--heads", type=int, default=4, help="pretrain: attention heads")
     parser.add_argument("--reference-layers", type=int, default=2, help="pretrain: the reference model's depth")
-    parser.add_argument("--reference-steps", type=int, default=None, help="pretrain: the reference's steps (default: half of --steps)")
+    parser.add_argument("--reference-steps", type=int, default=None,
+                        help="dense steps that train the excess modes' reference on other batches (default: half of "
+                             "--steps); finetune: 0 takes the pretrained model as it is")
     parser.add_argument("--router-layers", type=int, default=None, help="layers that score tokens (default: all: the model itself)")
     parser.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (warmup 5%%, cosine to 0)")
     parser.add_argument("--eval-every", type=int, default=50, help="steps between validation evaluations")
@@ -639,6 +651,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("--write-tokens/--tokens: give one of them")
     if args.reference_steps is None:
         args.reference_steps = max(1, args.steps // 2)
+    if args.reference_steps < 0 or (args.reference_steps == 0 and "pretrain" in args.settings):
+        parser.error(f"--reference-steps: expected a positive count (0 only for finetune), got {args.reference_steps}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device: cuda was asked for, but torch sees no CUDA device")
     return args

@@ -187,3 +187,34 @@ def test_bad_options_are_refused(argv: list[str], message: str, capsys: pytest.C
     with pytest.raises(SystemExit):
         quality.main([*argv, "--out", "/tmp/unused.json"])
     assert message in capsys.readouterr().err
+
+
+class _ByteTokenizer:
+    """Stands in for a GGUF model's tokenizer: bytes, so a tiny random model can play the pretrained one."""
+
+    def __len__(self) -> int:
+        return 256
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict[str, list[int]]:
+        return {"input_ids": list(text.encode())}
+
+
+def test_finetune_reference_is_the_pretrained_model_tuned_on_other_batches(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    def tiny_pretrained(path: str):  # noqa: ANN202
+        torch.manual_seed(123)
+        return quality.small_llama(256, quality.parse_args([*TINY, "--out", "unused"]), 2), _ByteTokenizer()
+
+    monkeypatch.setattr(quality, "load_gguf", tiny_pretrained)
+    args = [*TINY, "--settings", "finetune", "--gguf", "model.gguf", "--modes", "dense,excess"]
+    tuned = quality.main([*args, "--out", str(tmp_path / "tuned.json")])["rows"]
+    as_is = quality.main([*args, "--reference-steps", "0", "--out", str(tmp_path / "as_is.json")])["rows"]
+    assert [r["mode"] for r in tuned] == ["dense", "excess"]
+    assert tuned[1]["reference_s"] > 0 and as_is[1]["reference_s"] == 0  # only training is charged
+    # Tuning the reference leaves the pretrained model alone (dense is the same), and changes what excess picks.
+    assert tuned[0]["final_val_loss"] == as_is[0]["final_val_loss"]
+    assert tuned[1]["final_val_loss"] != as_is[1]["final_val_loss"]
+    with pytest.raises(SystemExit):
+        quality.main([*TINY, "--reference-steps", "0", "--out", str(tmp_path / "never.json")])
