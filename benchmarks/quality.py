@@ -274,6 +274,7 @@ class Run(NamedTuple):
     step_ms_median: float
     reference_s: float
     curve: list[tuple[int, float, float]]  # (step, wall-clock s, val loss)
+    reference_val_loss: float | None = None  # the fixed reference's own, for the modes that use one
 
 
 def learning_rate(step: int, *, peak: float, steps: int) -> float:
@@ -386,7 +387,7 @@ def run_setting(setting: str, args: argparse.Namespace, record: Callable[[Run], 
         else:
             init = base_model.to(device)
         init_state = {k: v.detach().clone() for k, v in init.state_dict().items()}
-        reference_model, reference_params, reference_s = None, None, 0.0
+        reference_model, reference_params, reference_s, reference_val = None, None, 0.0, None
         if any(run_key(setting, budget, mode, ratio, seed) not in kept
                for mode in NEEDS_REFERENCE if mode in args.modes for ratio in args.ratios for budget in budgets):
             if base_model is None:
@@ -402,7 +403,9 @@ def run_setting(setting: str, args: argparse.Namespace, record: Callable[[Run], 
                     reference_s = train_reference(reference_model, corpus, args, seed)
             reference_params = {k: v.detach().clone() for k, v in reference_model.named_parameters()}
             reference_model.eval()
-        reference = Reference(reference_model, reference_params, reference_s)
+            # What the reference alone reaches: a selection rule that trails its own reference bought little.
+            reference_val = evaluate(reference_model, corpus.val, args.seq_len, args.val_windows, args.batch_size)
+        reference = Reference(reference_model, reference_params, reference_s, reference_val)
         for mode in args.modes:
             once = mode in ("dense", "buckets_4")  # neither takes a ratio: one run per seed
             for ratio in args.ratios[:1] if once else args.ratios:
@@ -411,7 +414,8 @@ def run_setting(setting: str, args: argparse.Namespace, record: Callable[[Run], 
                     curve, step_ms, offset = train_mode(mode, ratio, args.steps, seed, init, init_state, corpus, args,
                                                         reference)
                     run = Run(setting, "steps", mode, shown_ratio(mode, ratio), seed, curve[-1][2], curve[-1][1],
-                              args.steps, step_ms, offset, curve)
+                              args.steps, step_ms, offset, curve,
+                              reference.val_loss if mode in NEEDS_REFERENCE else None)
                 runs.append(run)
                 record(run)
                 print(f"[{setting}] seed {seed} ratio {run.ratio} {mode:<18} val {run.final_val_loss:.4f} "
@@ -443,11 +447,13 @@ def run_key(setting: str, budget: str, mode: str, ratio: float, seed: int) -> tu
 
 
 class Reference(NamedTuple):
-    """The fixed reference of the excess modes: its model, parameters and training time (0 if none was trained)."""
+    """The fixed reference of the excess modes: its model, parameters, training time (0 if none was trained)
+    and validation loss."""
 
     model: torch.nn.Module | None
     params: dict[str, torch.Tensor] | None
     seconds: float
+    val_loss: float | None
 
 
 def train_mode(mode: str, ratio: float, steps: int, seed: int, init: torch.nn.Module,
@@ -521,6 +527,9 @@ def summarise(runs: list[Run]) -> list[dict[str, Any]]:
                "final_val_loss_mean": round(mean, 4), "final_val_loss_stderr": round(stderr, 4),
                "wall_clock_s_mean": round(stats([r.wall_clock_s for r in members])[0], 2),
                "step_ms_median_mean": round(stats([r.step_ms_median for r in members])[0], 3)}
+        references = [r.reference_val_loss for r in members if r.reference_val_loss is not None]
+        if references:
+            row["reference_val_loss_mean"] = round(stats(references)[0], 4)
         if dense is not None:
             target = stats([r.final_val_loss for r in dense])[0]
             # On the mean curve over seeds (loss and clock averaged per evaluation).

@@ -31,9 +31,12 @@ def test_every_mode_runs_and_reports(tmp_path: Path) -> None:
         assert math.isfinite(row["final_val_loss"]) and row["wall_clock_s"] > 0, row["mode"]
         assert [point[0] for point in row["curve"]] == [2, 4]
         assert row["reference_s"] > 0 if row["mode"] in quality.NEEDS_REFERENCE else row["reference_s"] == 0
+        has_reference = row["mode"] in quality.NEEDS_REFERENCE
+        assert math.isfinite(row["reference_val_loss"]) if has_reference else row["reference_val_loss"] is None
     summary = {(r["mode"], r["ratio"]): r for r in saved["summary"]}
     assert summary[("excess", 0.25)]["seeds"] == 2 and "vs_random_token_in_stderr" in summary[("excess", 0.25)]
     assert summary[("dense", 1.0)]["time_to_dense_final_s"] is not None
+    assert "reference_val_loss_mean" in summary[("excess", 0.25)] and "reference_val_loss_mean" not in summary[("dense", 1.0)]
     # The plot can be redrawn from the JSON alone.
     out.with_suffix(".png").unlink()
     assert quality.main(["--replot", "--out", str(out)])["rows"] == rows
@@ -216,5 +219,6 @@ def test_finetune_reference_is_the_pretrained_model_tuned_on_other_batches(
     # Tuning the reference leaves the pretrained model alone (dense is the same), and changes what excess picks.
     assert tuned[0]["final_val_loss"] == as_is[0]["final_val_loss"]
     assert tuned[1]["final_val_loss"] != as_is[1]["final_val_loss"]
+    assert tuned[1]["reference_val_loss"] < as_is[1]["reference_val_loss"]  # tuned on the text it is scored on
     with pytest.raises(SystemExit):
         quality.main([*TINY, "--reference-steps", "0", "--out", str(tmp_path / "never.json")])
