@@ -387,25 +387,10 @@ def run_setting(setting: str, args: argparse.Namespace, record: Callable[[Run], 
         else:
             init = base_model.to(device)
         init_state = {k: v.detach().clone() for k, v in init.state_dict().items()}
-        reference_model, reference_params, reference_s, reference_val = None, None, 0.0, None
-        if any(run_key(setting, budget, mode, ratio, seed) not in kept
-               for mode in NEEDS_REFERENCE if mode in args.modes for ratio in args.ratios for budget in budgets):
-            if base_model is None:
-                # A smaller model of the same family, trained first on other batches (its cost is counted).
-                torch.manual_seed(seed + 10_000)
-                reference_model = small_llama(corpus.vocab_size, args, args.reference_layers).to(device)
-                reference_s = train_reference(reference_model, corpus, args, seed)
-            else:
-                # Fine-tuning: the pretrained model, fine-tuned densely on other batches of the target text
-                # (RHO-LOSS's holdout model; its cost is counted), or, with --reference-steps 0, as it is.
-                reference_model = copy.deepcopy(init)
-                if args.reference_steps:
-                    reference_s = train_reference(reference_model, corpus, args, seed)
-            reference_params = {k: v.detach().clone() for k, v in reference_model.named_parameters()}
-            reference_model.eval()
-            # What the reference alone reaches: a selection rule that trails its own reference bought little.
-            reference_val = evaluate(reference_model, corpus.val, args.seq_len, args.val_windows, args.batch_size)
-        reference = Reference(reference_model, reference_params, reference_s, reference_val)
+        needed = any(run_key(setting, budget, mode, ratio, seed) not in kept
+                     for mode in NEEDS_REFERENCE if mode in args.modes for ratio in args.ratios for budget in budgets)
+        reference = build_reference(init if base_model is not None else None, corpus, args, seed) if needed else \
+            Reference(None, None, 0.0, None)
         for mode in args.modes:
             once = mode in ("dense", "buckets_4")  # neither takes a ratio: one run per seed
             for ratio in args.ratios[:1] if once else args.ratios:
@@ -428,12 +413,28 @@ def run_setting(setting: str, args: argparse.Namespace, record: Callable[[Run], 
     return runs
 
 
-def train_reference(model: torch.nn.Module, corpus: Corpus, args: argparse.Namespace, seed: int) -> float:
-    """Train a reference densely for ``--reference-steps`` on batches no run of this seed draws; its charged seconds."""
-    starts = batch_starts(len(corpus.train), steps=args.reference_steps, batch_size=args.batch_size,
-                          seq_len=args.seq_len, seed=seed + 10_000)
-    _, step_times = train(model, make_loss("dense", 1.0, model, args, None), corpus.train, starts, args, None)
-    return charged_seconds(step_times)  # charged like every run's steps
+def build_reference(pretrained: torch.nn.Module | None, corpus: Corpus, args: argparse.Namespace,
+                    seed: int) -> Reference:
+    """The excess modes' reference, trained densely for ``--reference-steps`` on batches no run of this seed draws.
+
+    Pretraining (``pretrained`` None): a smaller model of the same family from random init. Fine-tuning: a copy
+    of the pretrained model (RHO-LOSS's holdout model), or, with ``--reference-steps 0``, the copy untrained.
+    """
+    if pretrained is None:
+        torch.manual_seed(seed + 10_000)
+        model = small_llama(corpus.vocab_size, args, args.reference_layers).to(args.device)
+    else:
+        model = copy.deepcopy(pretrained)  # its own copy: the runs reload the pretrained model's state
+    seconds = 0.0
+    if args.reference_steps:
+        starts = batch_starts(len(corpus.train), steps=args.reference_steps, batch_size=args.batch_size,
+                              seq_len=args.seq_len, seed=seed + 10_000)
+        _, step_times = train(model, make_loss("dense", 1.0, model, args, None), corpus.train, starts, args, None)
+        seconds = charged_seconds(step_times)  # charged like every run's steps
+    model.eval()
+    # What the reference alone reaches: a selection rule that trails its own reference bought little.
+    val_loss = evaluate(model, corpus.val, args.seq_len, args.val_windows, args.batch_size)
+    return Reference(model, {k: v.detach() for k, v in model.named_parameters()}, seconds, val_loss)
 
 
 def shown_ratio(mode: str, ratio: float) -> float:
