@@ -539,12 +539,17 @@ def summarise(runs: list[Run]) -> list[dict[str, Any]]:
                            sum(r.curve[i][2] for r in members) / len(members)) for i in range(length)]
             reached = _time_to(mean_curve, target + 1e-9)
             row["time_to_dense_final_s"] = None if reached is None else round(reached, 2)
-        control = groups.get((setting, budget, "random_token", ratio))
+        # The margin is taken over the seeds both have: a suite cut short may hold more seeds of one.
+        seeds = {r.seed for r in members}
+        control = [r for r in groups.get((setting, budget, "random_token", ratio), []) if r.seed in seeds]
         if control and mode != "random_token":
+            shared = {r.seed for r in control}
+            m_mean, m_err = stats([r.final_val_loss for r in members if r.seed in shared])
             c_mean, c_err = stats([r.final_val_loss for r in control])
-            spread = math.sqrt(sum(e**2 for e in (stderr, c_err) if not math.isnan(e)))
-            row["vs_random_token"] = round(mean - c_mean, 4)
-            row["vs_random_token_in_stderr"] = round((mean - c_mean) / spread, 2) if spread > 0 else None
+            spread = math.sqrt(sum(e**2 for e in (m_err, c_err) if not math.isnan(e)))
+            row["vs_random_token_seeds"] = len(shared)
+            row["vs_random_token"] = round(m_mean - c_mean, 4)
+            row["vs_random_token_in_stderr"] = round((m_mean - c_mean) / spread, 2) if spread > 0 else None
         rows.append(row)
     return rows
 

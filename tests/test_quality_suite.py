@@ -180,6 +180,15 @@ def test_summary_statistics() -> None:
     assert rows["random_token"]["time_to_dense_final_s"] is None
 
 
+def test_the_margin_over_random_tokens_pairs_the_seeds() -> None:
+    # A suite cut short: random tokens have seeds 0 and 1, excess only seed 0.
+    runs = [_run("random_token", 0.25, 0, 2.6, [(1, 0.5, 2.6)]), _run("random_token", 0.25, 1, 2.0, [(1, 0.5, 2.0)]),
+            _run("excess", 0.25, 0, 2.5, [(1, 0.5, 2.5)])]
+    row = {r["mode"]: r for r in quality.summarise(runs)}["excess"]
+    assert row["vs_random_token"] == pytest.approx(-0.1)  # against seed 0's 2.6, not the mean 2.3
+    assert row["vs_random_token_seeds"] == 1 and row["vs_random_token_in_stderr"] is None
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--modes", "dense,nope"], "--modes: expected names from"),
     (["--ratios", "0"], "--ratios: expected values in (0, 1]"),
