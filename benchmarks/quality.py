@@ -569,6 +569,7 @@ def plot(runs: list[Run], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     settings = sorted({r.setting for r in runs})
+    all_seeds = sorted({r.seed for r in runs})
     figure, axes = plt.subplots(1, len(settings), figsize=(11 * len(settings), 6), dpi=110, squeeze=False)
     colours = plt.get_cmap("tab20").colors
     for axis, setting in zip(axes[0], settings):
@@ -582,11 +583,14 @@ def plot(runs: list[Run], path: Path) -> None:
                 seconds = [sum(r.curve[i][1] for r in members) / len(members) for i in range(length)]
                 losses = [sum(r.curve[i][2] for r in members) / len(members) for i in range(length)]
                 name = mode if mode == "dense" else f"{mode} {ratio}"
+                seeds = sorted({r.seed for r in members})
+                if seeds != all_seeds:  # a suite cut short: this line averages fewer seeds than the others
+                    name += f" (seeds {seeds})"
                 axis.plot(seconds, losses, color=colours[index % len(colours)], linestyle="-" if budget == "steps" else "--",
                           marker="o" if budget == "steps" else None, markersize=3,
                           label=name if budget == "steps" else f"{name}, dense's wall-clock")
         axis.set_xlabel("wall-clock s (training steps; a reference's training counted)")
-        axis.set_ylabel(f"validation loss (mean over seeds {sorted({r.seed for r in runs})})")
+        axis.set_ylabel(f"validation loss (mean over seeds {all_seeds} unless a line says)")
         axis.set_title(f"{setting}: solid = equal steps, dashed = as many steps as dense's wall-clock")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
