@@ -540,12 +540,11 @@ def summarise(runs: list[Run]) -> list[dict[str, Any]]:
             reached = _time_to(mean_curve, target + 1e-9)
             row["time_to_dense_final_s"] = None if reached is None else round(reached, 2)
         # The margin is taken over the seeds both have: a suite cut short may hold more seeds of one.
-        seeds = {r.seed for r in members}
-        control = [r for r in groups.get((setting, budget, "random_token", ratio), []) if r.seed in seeds]
-        if control and mode != "random_token":
-            shared = {r.seed for r in control}
+        control = groups.get((setting, budget, "random_token", ratio), [])
+        shared = {r.seed for r in members} & {r.seed for r in control}
+        if shared and mode != "random_token":
             m_mean, m_err = stats([r.final_val_loss for r in members if r.seed in shared])
-            c_mean, c_err = stats([r.final_val_loss for r in control])
+            c_mean, c_err = stats([r.final_val_loss for r in control if r.seed in shared])
             spread = math.sqrt(sum(e**2 for e in (m_err, c_err) if not math.isnan(e)))
             row["vs_random_token_seeds"] = len(shared)
             row["vs_random_token"] = round(m_mean - c_mean, 4)
